@@ -1,0 +1,10 @@
+"""smsd ops: each an autograd-aware function with ``triton``, ``cpp`` and ``torch`` backends.
+
+``smsd.ops.reference`` holds the pure-PyTorch oracle of every op.
+"""
+
+from . import reference
+from .masked_sample import masked_sample
+from .sample_views import sample_views, view_size
+
+__all__ = ["masked_sample", "reference", "sample_views", "view_size"]
