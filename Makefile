@@ -24,7 +24,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 setup: $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q tests
+	SMSD_REQUIRE_BACKENDS=triton,cpp,torch $(PY) -m pytest -q tests
 
 demo: setup
 	$(VENV)/bin/smsd check --triton-interpret

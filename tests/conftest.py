@@ -1,0 +1,43 @@
+"""Test set-up: Triton kernels run on CPU tensors through the interpreter.
+
+TRITON_INTERPRET must be set before any kernel is defined, so it is set here,
+before smsd (which imports kernels lazily) is imported by any test module.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import smsd  # noqa: E402
+from smsd.backend import CORE_BACKENDS  # noqa: E402
+
+# `make test` sets SMSD_REQUIRE_BACKENDS so that a backend that failed to build fails
+# the run instead of being skipped.
+REQUIRED = {b for b in os.environ.get("SMSD_REQUIRE_BACKENDS", "").split(",") if b}
+
+
+def backend_or_skip(name: str) -> str:
+    status = smsd.backends()[name]
+    if not status.available:
+        if name in REQUIRED:
+            pytest.fail(f"backend {name} is required (SMSD_REQUIRE_BACKENDS) but {status.detail}")
+        pytest.skip(f"backend {name} unavailable: {status.detail}")
+    return name
+
+
+@pytest.fixture(params=CORE_BACKENDS)
+def backend(request) -> str:
+    """Each core backend in turn, active for the test (skipped with the reason if missing)."""
+    name = backend_or_skip(request.param)
+    with smsd.use_backend(name):
+        yield name
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
