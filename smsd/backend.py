@@ -157,10 +157,11 @@ _scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-def set_backend(name: str) -> None:
-    """Request a backend for all ops from now on (``"auto"`` restores the default)."""
+def set_backend(name: str | None) -> None:
+    """Request a backend for all ops from now on; ``None`` goes back to ``SMSD_BACKEND``
+    (or ``"auto"`` when that is unset)."""
     global _global_backend
-    _global_backend = _check_name(name)
+    _global_backend = None if name is None else _check_name(name)
 
 
 def get_backend() -> str:

@@ -1,0 +1,154 @@
+"""masked_sample: every backend against the reference, odd shapes, dtypes, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import smsd
+from smsd.ops import masked_sample, reference
+from smsd.testing import accuracy
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (B, N, D, K): the ViT-S shape trimmed, full N with K odd, B=1, one token, K=N.
+SHAPES = [(1, 197, 40, 98), (3, 50, 33, 37), (2, 7, 5, 1), (2, 1, 3, 1), (2, 16, 24, 16)]
+
+
+def _inputs(B, N, D, K, dtype, *, repeats=False, index_dtype=torch.int64):
+    x = torch.randn(B, N, D, dtype=torch.float64).to(dtype)
+    if repeats:
+        index = torch.randint(0, N, (B, K))
+    else:
+        index = torch.rand(B, N).argsort(1)[:, :K]
+    perm = torch.rand(B, N).argsort(1)
+    return x, index.to(index_dtype), perm.to(index_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}D{}K{}".format(*s))
+@pytest.mark.parametrize("with_perm", [False, True], ids=["plain", "perm"])
+def test_matches_reference_exactly(backend, dtype, shape, with_perm):
+    """Without repeated indices both passes only copy rows: results must be bit-identical."""
+    x, index, perm = _inputs(*shape, dtype)
+    perm = perm if with_perm else None
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    out = masked_sample(x1, index, perm)
+    expected = reference.masked_sample(x2, index, perm)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_repeated_indices_sum_gradients(backend, dtype):
+    """Repeats are independent copies; their gradients add up (accuracy rule vs fp64)."""
+    x, index, perm = _inputs(3, 13, 17, 13, dtype, repeats=True)
+    index[:, :4] = 5  # make sure every image repeats a token several times
+    x1 = x.clone().requires_grad_(True)
+    out = masked_sample(x1, index, perm)
+    grad64 = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad64.to(dtype))
+    assert torch.equal(out, reference.masked_sample(x, index, perm))
+    x64 = x.double().clone().requires_grad_(True)
+    reference.masked_sample(x64, index, perm).backward(grad64.to(dtype).double())
+    x_base = x.clone().requires_grad_(True)
+    reference.masked_sample(x_base, index, perm).backward(grad64.to(dtype))
+    acc = accuracy(x1.grad, x_base.grad, x64.grad)
+    assert acc.ok, str(acc)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+def test_index_dtypes_and_mixed_perm_dtype(backend, index_dtype):
+    x, index, perm = _inputs(2, 19, 8, 11, torch.float32, index_dtype=index_dtype)
+    other = torch.int64 if index_dtype == torch.int32 else torch.int32
+    expected = reference.masked_sample(x, index, perm)
+    assert torch.equal(masked_sample(x, index, perm), expected)
+    assert torch.equal(masked_sample(x, index, perm.to(other)), expected)
+
+
+def test_non_contiguous_inputs(backend):
+    base = torch.randn(6, 40, 2 * 24, dtype=torch.float32)
+    x = base[::2, :, ::2]  # strided in every dimension
+    assert not x.is_contiguous()
+    index = torch.rand(3, 40).argsort(1)[:, :15]
+    index_wide = torch.zeros(3, 30, dtype=torch.int64)
+    index_wide[:, ::2] = index
+    index_strided = index_wide[:, ::2]
+    perm = torch.rand(40, 3).argsort(0).t()  # transposed: non-contiguous rows
+    out = masked_sample(x, index_strided, perm)
+    assert torch.equal(out, reference.masked_sample(x, index, perm))
+    # a non-contiguous (expanded) incoming gradient
+    x2 = x.detach().clone().requires_grad_(True)
+    masked_sample(x2, index, perm).sum().backward()
+    x3 = x.detach().clone().requires_grad_(True)
+    reference.masked_sample(x3, index, perm).sum().backward()
+    assert torch.equal(x2.grad, x3.grad)
+
+
+def test_empty_selection(backend):
+    x = torch.randn(2, 9, 4, requires_grad=True)
+    index = torch.empty(2, 0, dtype=torch.int64)
+    out = masked_sample(x, index)
+    assert out.shape == (2, 0, 4)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_no_grad_and_grad_only_when_needed(backend):
+    x, index, perm = _inputs(2, 10, 4, 5, torch.float32)
+    with torch.no_grad():
+        assert not masked_sample(x, index, perm).requires_grad
+    assert not masked_sample(x, index, perm).requires_grad
+
+
+def test_gradcheck_fp64(backend):
+    x, index, perm = _inputs(2, 6, 3, 6, torch.float64, repeats=True)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: masked_sample(t, index, perm), (x,))
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda x, i, p: (x[0], i, p), ValueError, "x must have 3 dimensions"),
+        (lambda x, i, p: (x.long(), i, p), TypeError, "x must have dtype"),
+        (lambda x, i, p: (x, i.float(), p), TypeError, "index must have dtype"),
+        (lambda x, i, p: (x, i[:1], p), ValueError, "index has 1 rows"),
+        (lambda x, i, p: (x, torch.zeros(2, 9, dtype=torch.long), p), ValueError, "only N=8"),
+        (lambda x, i, p: (x, i + 8, p), ValueError, "index holds"),
+        (lambda x, i, p: (x, i - 8, p), ValueError, "index holds -"),
+        (lambda x, i, p: (x, i, p[:, :4]), ValueError, "perm must have shape"),
+        (lambda x, i, p: (x, i, torch.zeros_like(p)), ValueError, "is not a permutation"),
+        (lambda x, i, p: (x, i, p.float()), TypeError, "perm must have dtype"),
+        (lambda x, i, p: ("tokens", i, p), TypeError, "x must be a torch.Tensor"),
+        (lambda x, i, p: (x, i.to("meta"), p), ValueError, "index is on meta"),
+    ],
+)
+def test_bad_input(backend, make, error, message):
+    x, index, perm = _inputs(2, 8, 4, 5, torch.float32)
+    with pytest.raises(error, match=message):
+        masked_sample(*make(x, index, perm))
+
+
+def test_validation_off_skips_value_checks():
+    x, index, perm = _inputs(2, 8, 4, 5, torch.float32)
+    not_a_perm = torch.zeros_like(perm)  # in range, so safe to run unchecked
+    with smsd.validation(False):
+        assert smsd.validation_enabled() is False
+        out = masked_sample(x, index, not_a_perm)
+    assert torch.equal(out, reference.masked_sample(x, index, not_a_perm))
+    assert smsd.validation_enabled() is True
+
+
+def test_cpp_bounds_checked_even_without_validation():
+    from conftest import backend_or_skip
+
+    backend_or_skip("cpp")
+    x, index, _ = _inputs(2, 8, 4, 5, torch.float32)
+    with smsd.use_backend("cpp"), smsd.validation(False), pytest.raises(RuntimeError, match="outside"):
+        masked_sample(x, index + 100)
