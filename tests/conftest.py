@@ -10,11 +10,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import smsd  # noqa: E402
-from smsd.backend import CORE_BACKENDS  # noqa: E402
+import smsd
+from smsd.backend import CORE_BACKENDS
 
 # `make test` sets SMSD_REQUIRE_BACKENDS so that a backend that failed to build fails
 # the run instead of being skipped.
