@@ -153,3 +153,38 @@ def test_cpp_bounds_checked_even_without_validation():
     with smsd.use_backend("cpp"), smsd.validation(False):
         with pytest.raises(RuntimeError, match="outside"):
             masked_sample(x, index + 100)
+
+
+# ------------------------------------------------------------------ property-based
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(
+    max_examples=30, deadline=None,
+    # the backend fixture only selects a backend: sharing it across examples is intended
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture],
+)
+@hypothesis.given(
+    B=st.integers(1, 3), N=st.integers(1, 40), D=st.integers(1, 70),
+    frac=st.floats(0.0, 1.0), repeats=st.booleans(), with_perm=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_any_shape_matches_reference(backend, B, N, D, frac, repeats, with_perm, seed):
+    gen = torch.Generator().manual_seed(seed)
+    K = max(1, round(frac * N))
+    x = torch.randn(B, N, D, generator=gen, dtype=torch.float64)
+    if repeats:
+        index = torch.randint(0, N, (B, K), generator=gen)
+    else:
+        index = torch.rand(B, N, generator=gen).argsort(1)[:, :K]
+    perm = torch.rand(B, N, generator=gen).argsort(1) if with_perm else None
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    out = masked_sample(x1, index, perm)
+    ref = reference.masked_sample(x2, index, perm)
+    assert torch.equal(out, ref)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)  # fp64 sums
