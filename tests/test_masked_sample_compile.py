@@ -67,7 +67,6 @@ def check_kernels(dtype: str) -> None:
     for name, ptx in (("forward", fwd), ("backward", bwd)):
         assert ".local" not in ptx, f"{name} kernel spills registers"
         assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: no 16-byte stores"
-    for name, ptx in (("forward", fwd), ("backward", bwd)):
         assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: no 16-byte loads"
 
 
