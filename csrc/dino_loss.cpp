@@ -1,0 +1,228 @@
+// dino_loss on the CPU: DINO's distillation loss and its student gradient in one forward.
+//
+// Same algorithm as kernels/dino_loss.py. teacher_stats: the log-normalizer of
+// (teacher - center) / teacher_temp for every teacher row (once per row, not per
+// pair) and the teacher's column sums. student: per student row (v, b), one
+// log-sum-exp over K, then Q = sum over teacher views i != v of softmax_i, the row's
+// loss -sum Q log_softmax and its gradient scale * (n_pairs * p - Q) / student_temp.
+// Parallel over rows; inner loops are plain fixed-width loops that GCC vectorizes,
+// with an exp written for that (std::exp does not vectorize without -ffast-math).
+// Half types are read into fp32 and accumulated in fp32.
+#include "smsd.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace smsd {
+namespace {
+
+constexpr int64_t kLanes = 16;  // independent accumulators: vector width x unroll
+
+// exp(x) = 2^n exp(r), |r| <= ln2 / 2, degree-7 polynomial (rel. error ~1e-8 before
+// rounding); branch-free so loops over it vectorize. NaN stays NaN; x < -87 gives 0.
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);  // x first: NaN passes through
+  constexpr float kRound = 12582912.0f;                    // 1.5 * 2^23: round to nearest
+  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float y = p * scale;
+  return x < -87.0f ? 0.0f : y;
+}
+
+template <typename scalar_t>
+void load_scaled(const scalar_t* src, int64_t K, float mul, float* dst) {
+  for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]) * mul;
+}
+
+float max_of(const float* x, int64_t K) {
+  float lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] = std::max(lanes[j], x[k + j]);
+  float m = lanes[0];
+  for (int64_t j = 1; j < kLanes; ++j) m = std::max(m, lanes[j]);
+  for (; k < K; ++k) m = std::max(m, x[k]);
+  return m;
+}
+
+// log sum exp(x); a NaN anywhere gives NaN through the sum even where max skips it.
+float log_sum_exp(const float* x, int64_t K) {
+  float m = max_of(x, K);
+  if (std::isinf(m)) m = 0.0f;  // all -inf (or +inf present): let the sum decide
+  float lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += fast_exp(x[k + j] - m);
+  double sum = 0.0;
+  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
+  for (; k < K; ++k) sum += fast_exp(x[k] - m);
+  return m + static_cast<float>(std::log(sum));
+}
+
+template <typename scalar_t>
+void teacher_stats_impl(const at::Tensor& teacher, const float* center, float inv_tt,
+                        float* lse, float* colsum) {
+  const int64_t rows = teacher.size(0), K = teacher.size(1), stride = teacher.stride(0);
+  const scalar_t* t = teacher.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(K);
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = t + r * stride;
+      for (int64_t k = 0; k < K; ++k) x[k] = (static_cast<float>(row[k]) - center[k]) * inv_tt;
+      lse[r] = log_sum_exp(x.data(), K);
+    }
+  });
+  // Column sums over disjoint column ranges: deterministic, no atomics.
+  constexpr int64_t kColGrain = 1024;
+  at::parallel_for(0, K, kColGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(end - begin, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* row = t + r * stride + begin;
+      for (int64_t k = 0; k < end - begin; ++k) acc[k] += static_cast<float>(row[k]);
+    }
+    std::copy(acc.begin(), acc.end(), colsum + begin);
+  });
+}
+
+struct StudentArgs {
+  int64_t row_offset, batch, n_teacher_views;
+  float inv_ts, inv_tt, grad_scale;
+};
+
+template <typename scalar_t>
+void student_impl(const at::Tensor& student, const at::Tensor& teacher, const float* center,
+                  const float* teacher_lse, scalar_t* grad, int64_t grad_stride,
+                  const StudentArgs& a, float* row_loss) {
+  const int64_t rows = student.size(0), K = student.size(1);
+  const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
+  const scalar_t* s = student.data_ptr<scalar_t>();
+  const scalar_t* t = teacher.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(K), q(K);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t row = a.row_offset + j, v = row / a.batch, b = row % a.batch;
+      load_scaled(s + j * s_stride, K, a.inv_ts, x.data());
+      const float lse = log_sum_exp(x.data(), K);
+      std::fill(q.begin(), q.end(), 0.0f);
+      int64_t n_pairs = 0;
+      for (int64_t i = 0; i < a.n_teacher_views; ++i) {
+        if (i == v) continue;
+        ++n_pairs;
+        const scalar_t* trow = t + (i * a.batch + b) * t_stride;
+        const float shift = teacher_lse[i * a.batch + b];
+        for (int64_t k = 0; k < K; ++k)
+          q[k] += fast_exp((static_cast<float>(trow[k]) - center[k]) * a.inv_tt - shift);
+      }
+      // Loss: sum_k q_k (lse - x_k), fp32 lanes then fp64.
+      float lanes[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += q[k + l] * (lse - x[k + l]);
+      double loss = 0.0;
+      for (int64_t l = 0; l < kLanes; ++l) loss += lanes[l];
+      for (; k < K; ++k) loss += q[k] * (lse - x[k]);
+      row_loss[j] = static_cast<float>(loss);
+      if (grad != nullptr) {
+        const float g_scale = a.grad_scale * a.inv_ts, pairs = static_cast<float>(n_pairs);
+        scalar_t* g = grad + j * grad_stride;
+        for (int64_t kk = 0; kk < K; ++kk)
+          g[kk] = static_cast<scalar_t>((pairs * fast_exp(x[kk] - lse) - q[kk]) * g_scale);
+      }
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "dino_loss (cpp): ", name, " must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2, "dino_loss (cpp): ", name, " must be 2-D");
+}
+
+at::Tensor rows_contiguous(const at::Tensor& x) {
+  return x.stride(1) == 1 ? x : x.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> dino_loss_teacher_stats(const at::Tensor& teacher_in,
+                                                           const at::Tensor& center_in,
+                                                           double teacher_temp) {
+  check_rows(teacher_in, "teacher");
+  const int64_t K = teacher_in.size(1);
+  TORCH_CHECK(center_in.scalar_type() == at::kFloat && center_in.numel() == K,
+              "dino_loss (cpp): center must be fp32 with K elements");
+  const at::Tensor teacher = rows_contiguous(teacher_in);
+  const at::Tensor center = center_in.contiguous();
+  at::Tensor lse = at::empty({teacher.size(0)}, teacher.options().dtype(at::kFloat));
+  at::Tensor colsum = at::empty({K}, teacher.options().dtype(at::kFloat));
+  if (teacher.numel() == 0) return {lse, colsum.zero_()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, teacher.scalar_type(), "dino_loss_teacher_stats", [&] {
+        teacher_stats_impl<scalar_t>(teacher, center.data_ptr<float>(),
+                                     static_cast<float>(1.0 / teacher_temp),
+                                     lse.data_ptr<float>(), colsum.data_ptr<float>());
+      });
+  return {lse, colsum};
+}
+
+at::Tensor dino_loss_student(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                             const at::Tensor& center_in, const at::Tensor& teacher_lse_in,
+                             const c10::optional<at::Tensor>& grad, int64_t row_offset,
+                             int64_t batch, int64_t n_teacher_views, double student_temp,
+                             double teacher_temp, double grad_scale) {
+  check_rows(student_in, "student");
+  check_rows(teacher_in, "teacher");
+  const int64_t K = student_in.size(1);
+  TORCH_CHECK(teacher_in.size(1) == K, "dino_loss (cpp): student and teacher differ in K");
+  TORCH_CHECK(teacher_in.scalar_type() == student_in.scalar_type(),
+              "dino_loss (cpp): student and teacher must have one dtype");
+  TORCH_CHECK(teacher_in.size(0) == n_teacher_views * batch,
+              "dino_loss (cpp): teacher must have n_teacher_views * batch rows");
+  TORCH_CHECK(center_in.scalar_type() == at::kFloat && center_in.numel() == K,
+              "dino_loss (cpp): center must be fp32 with K elements");
+  TORCH_CHECK(teacher_lse_in.scalar_type() == at::kFloat &&
+                  teacher_lse_in.numel() == teacher_in.size(0),
+              "dino_loss (cpp): teacher_lse must be fp32 with one value per teacher row");
+  if (grad.has_value()) {
+    TORCH_CHECK(grad->sizes() == student_in.sizes() &&
+                    grad->scalar_type() == student_in.scalar_type() && grad->stride(1) == 1,
+                "dino_loss (cpp): grad must match student with contiguous rows");
+  }
+  const at::Tensor student = rows_contiguous(student_in);
+  const at::Tensor teacher = rows_contiguous(teacher_in);
+  const at::Tensor center = center_in.contiguous();
+  const at::Tensor teacher_lse = teacher_lse_in.contiguous();
+  at::Tensor row_loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
+  if (student.numel() == 0) return row_loss;
+  const StudentArgs args{row_offset, batch, n_teacher_views,
+                         static_cast<float>(1.0 / student_temp),
+                         static_cast<float>(1.0 / teacher_temp), static_cast<float>(grad_scale)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student.scalar_type(), "dino_loss_student", [&] {
+        scalar_t* g = grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr;
+        const int64_t g_stride = grad.has_value() ? grad->stride(0) : 0;
+        student_impl<scalar_t>(student, teacher, center.data_ptr<float>(),
+                               teacher_lse.data_ptr<float>(), g, g_stride, args,
+                               row_loss.data_ptr<float>());
+      });
+  return row_loss;
+}
+
+}  // namespace smsd
