@@ -19,6 +19,10 @@
 #include <limits>
 #include <vector>
 
+// Floating-point exceptions are never inspected here; without this GCC will not
+// if-convert the float compares (clamps) of fast_exp, so its loops stay scalar.
+#pragma GCC optimize("no-trapping-math")
+
 namespace smsd {
 namespace {
 
@@ -27,7 +31,9 @@ constexpr int64_t kLanes = 16;  // independent accumulators: vector width x unro
 // exp(x) = 2^n exp(r), |r| <= ln2 / 2, degree-7 polynomial (rel. error ~1e-8 before
 // rounding); branch-free so loops over it vectorize. NaN stays NaN; x < -87 gives 0.
 inline float fast_exp(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);  // x first: NaN passes through
+  // Ternaries, not std::min/max (compiled before the pragma above); NaN passes through.
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
   constexpr float kRound = 12582912.0f;                    // 1.5 * 2^23: round to nearest
   const float n = (xc * 1.44269504088896341f + kRound) - kRound;
   const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
@@ -56,7 +62,7 @@ float max_of(const float* x, int64_t K) {
   std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] = std::max(lanes[j], x[k + j]);
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] = x[k + j] > lanes[j] ? x[k + j] : lanes[j];
   float m = lanes[0];
   for (int64_t j = 1; j < kLanes; ++j) m = std::max(m, lanes[j]);
   for (; k < K; ++k) m = std::max(m, x[k]);
@@ -142,9 +148,11 @@ void student_impl(const at::Tensor& student, const at::Tensor& teacher, const fl
       row_loss[j] = static_cast<float>(loss);
       if (grad != nullptr) {
         const float g_scale = a.grad_scale * a.inv_ts, pairs = static_cast<float>(n_pairs);
-        scalar_t* g = grad + j * grad_stride;
+        // In fp32 scratch first, then one conversion pass (vectorizes for every scalar_t).
         for (int64_t kk = 0; kk < K; ++kk)
-          g[kk] = static_cast<scalar_t>((pairs * fast_exp(x[kk] - lse) - q[kk]) * g_scale);
+          x[kk] = (pairs * fast_exp(x[kk] - lse) - q[kk]) * g_scale;
+        scalar_t* g = grad + j * grad_stride;
+        for (int64_t kk = 0; kk < K; ++kk) g[kk] = static_cast<scalar_t>(x[kk]);
       }
     }
   });
