@@ -12,11 +12,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_out"), py::arg("index"), py::arg("perm") = py::none(),
         py::arg("n_tokens"));
   m.def("dino_loss_teacher_stats", &smsd::dino_loss_teacher_stats,
-        "dino_loss: teacher log-normalizers and column sums (CPU)", py::arg("teacher"),
+        "dino_loss: teacher softmax max, 1/sum and column sums (CPU)", py::arg("teacher"),
         py::arg("center"), py::arg("teacher_temp"));
   m.def("dino_loss_student", &smsd::dino_loss_student,
         "dino_loss: per-row loss and scaled student gradient (CPU)", py::arg("student"),
-        py::arg("teacher"), py::arg("center"), py::arg("teacher_lse"), py::arg("grad"),
+        py::arg("teacher"), py::arg("center"), py::arg("teacher_max"), py::arg("teacher_inv_sum"), py::arg("grad"),
         py::arg("row_offset"), py::arg("batch"), py::arg("n_teacher_views"),
         py::arg("student_temp"), py::arg("teacher_temp"), py::arg("grad_scale"));
 }

@@ -1,6 +1,6 @@
 // dino_loss on the CPU: DINO's distillation loss and its student gradient in one forward.
 //
-// Same algorithm as kernels/dino_loss.py. teacher_stats: the log-normalizer of
+// Same algorithm as kernels/dino_loss.py. teacher_stats: the max and 1/sum-of-exps of
 // (teacher - center) / teacher_temp for every teacher row (once per row, not per
 // pair) and the teacher's column sums. student: per student row (v, b), one
 // log-sum-exp over K, then Q = sum over teacher views i != v of softmax_i, the row's
@@ -69,8 +69,12 @@ float max_of(const float* x, int64_t K) {
   return m;
 }
 
-// log sum exp(x); a NaN anywhere gives NaN through the sum even where max skips it.
-float log_sum_exp(const float* x, int64_t K) {
+struct SoftmaxStats {
+  float max, sum;  // log-sum-exp = max + log(sum)
+};
+
+// Max and sum of exp(x - max); a NaN anywhere gives NaN through the sum.
+SoftmaxStats softmax_stats(const float* x, int64_t K) {
   float m = max_of(x, K);
   if (std::isinf(m)) m = 0.0f;  // all -inf (or +inf present): let the sum decide
   float lanes[kLanes] = {};
@@ -80,12 +84,12 @@ float log_sum_exp(const float* x, int64_t K) {
   double sum = 0.0;
   for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
   for (; k < K; ++k) sum += fast_exp(x[k] - m);
-  return m + static_cast<float>(std::log(sum));
+  return {m, static_cast<float>(sum)};
 }
 
 template <typename scalar_t>
 void teacher_stats_impl(const at::Tensor& teacher, const float* center, float inv_tt,
-                        float* lse, float* colsum) {
+                        float* row_max, float* row_inv_sum, float* colsum) {
   const int64_t rows = teacher.size(0), K = teacher.size(1), stride = teacher.stride(0);
   const scalar_t* t = teacher.data_ptr<scalar_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -93,7 +97,9 @@ void teacher_stats_impl(const at::Tensor& teacher, const float* center, float in
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = t + r * stride;
       for (int64_t k = 0; k < K; ++k) x[k] = (static_cast<float>(row[k]) - center[k]) * inv_tt;
-      lse[r] = log_sum_exp(x.data(), K);
+      const SoftmaxStats st = softmax_stats(x.data(), K);
+      row_max[r] = st.max;
+      row_inv_sum[r] = 1.0f / st.sum;
     }
   });
   // Column sums over disjoint column ranges: deterministic, no atomics.
@@ -115,7 +121,7 @@ struct StudentArgs {
 
 template <typename scalar_t>
 void student_impl(const at::Tensor& student, const at::Tensor& teacher, const float* center,
-                  const float* teacher_lse, scalar_t* grad, int64_t grad_stride,
+                  const float* teacher_max, const float* teacher_inv_sum, scalar_t* grad, int64_t grad_stride,
                   const StudentArgs& a, float* row_loss) {
   const int64_t rows = student.size(0), K = student.size(1);
   const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
@@ -126,31 +132,36 @@ void student_impl(const at::Tensor& student, const at::Tensor& teacher, const fl
     for (int64_t j = begin; j < end; ++j) {
       const int64_t row = a.row_offset + j, v = row / a.batch, b = row % a.batch;
       load_scaled(s + j * s_stride, K, a.inv_ts, x.data());
-      const float lse = log_sum_exp(x.data(), K);
+      // logp = (x - max) - log(sum), as log_softmax: x - lse would shift the whole row
+      // by lse's rounding (an ulp of a large number) and bias the loss.
+      const SoftmaxStats st = softmax_stats(x.data(), K);
+      const float log_sum = std::log(st.sum);
+      for (int64_t k = 0; k < K; ++k) x[k] = (x[k] - st.max) - log_sum;  // x is now logp
       std::fill(q.begin(), q.end(), 0.0f);
       int64_t n_pairs = 0;
       for (int64_t i = 0; i < a.n_teacher_views; ++i) {
         if (i == v) continue;
         ++n_pairs;
         const scalar_t* trow = t + (i * a.batch + b) * t_stride;
-        const float shift = teacher_lse[i * a.batch + b];
+        const float shift = teacher_max[i * a.batch + b], inv = teacher_inv_sum[i * a.batch + b];
+        // exp(x - max) / sum, as softmax: each q row sums to 1 up to rounding.
         for (int64_t k = 0; k < K; ++k)
-          q[k] += fast_exp((static_cast<float>(trow[k]) - center[k]) * a.inv_tt - shift);
+          q[k] += fast_exp((static_cast<float>(trow[k]) - center[k]) * a.inv_tt - shift) * inv;
       }
-      // Loss: sum_k q_k (lse - x_k), fp32 lanes then fp64.
+      // Loss: -sum_k q_k logp_k, fp32 lanes then fp64.
       float lanes[kLanes] = {};
       int64_t k = 0;
       for (; k + kLanes <= K; k += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += q[k + l] * (lse - x[k + l]);
+        for (int64_t l = 0; l < kLanes; ++l) lanes[l] -= q[k + l] * x[k + l];
       double loss = 0.0;
       for (int64_t l = 0; l < kLanes; ++l) loss += lanes[l];
-      for (; k < K; ++k) loss += q[k] * (lse - x[k]);
+      for (; k < K; ++k) loss -= q[k] * x[k];
       row_loss[j] = static_cast<float>(loss);
       if (grad != nullptr) {
         const float g_scale = a.grad_scale * a.inv_ts, pairs = static_cast<float>(n_pairs);
         // In fp32 scratch first, then one conversion pass (vectorizes for every scalar_t).
         for (int64_t kk = 0; kk < K; ++kk)
-          x[kk] = (pairs * fast_exp(x[kk] - lse) - q[kk]) * g_scale;
+          x[kk] = (pairs * fast_exp(x[kk]) - q[kk]) * g_scale;
         scalar_t* g = grad + j * grad_stride;
         for (int64_t kk = 0; kk < K; ++kk) g[kk] = static_cast<scalar_t>(x[kk]);
       }
@@ -169,29 +180,31 @@ at::Tensor rows_contiguous(const at::Tensor& x) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> dino_loss_teacher_stats(const at::Tensor& teacher_in,
-                                                           const at::Tensor& center_in,
-                                                           double teacher_temp) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dino_loss_teacher_stats(
+    const at::Tensor& teacher_in, const at::Tensor& center_in, double teacher_temp) {
   check_rows(teacher_in, "teacher");
   const int64_t K = teacher_in.size(1);
   TORCH_CHECK(center_in.scalar_type() == at::kFloat && center_in.numel() == K,
               "dino_loss (cpp): center must be fp32 with K elements");
   const at::Tensor teacher = rows_contiguous(teacher_in);
   const at::Tensor center = center_in.contiguous();
-  at::Tensor lse = at::empty({teacher.size(0)}, teacher.options().dtype(at::kFloat));
+  at::Tensor row_max = at::empty({teacher.size(0)}, teacher.options().dtype(at::kFloat));
+  at::Tensor row_inv_sum = at::empty_like(row_max);
   at::Tensor colsum = at::empty({K}, teacher.options().dtype(at::kFloat));
-  if (teacher.numel() == 0) return {lse, colsum.zero_()};
+  if (teacher.numel() == 0) return {row_max, row_inv_sum, colsum.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, teacher.scalar_type(), "dino_loss_teacher_stats", [&] {
         teacher_stats_impl<scalar_t>(teacher, center.data_ptr<float>(),
                                      static_cast<float>(1.0 / teacher_temp),
-                                     lse.data_ptr<float>(), colsum.data_ptr<float>());
+                                     row_max.data_ptr<float>(), row_inv_sum.data_ptr<float>(),
+                                     colsum.data_ptr<float>());
       });
-  return {lse, colsum};
+  return {row_max, row_inv_sum, colsum};
 }
 
 at::Tensor dino_loss_student(const at::Tensor& student_in, const at::Tensor& teacher_in,
-                             const at::Tensor& center_in, const at::Tensor& teacher_lse_in,
+                             const at::Tensor& center_in, const at::Tensor& teacher_max_in,
+                             const at::Tensor& teacher_inv_sum_in,
                              const c10::optional<at::Tensor>& grad, int64_t row_offset,
                              int64_t batch, int64_t n_teacher_views, double student_temp,
                              double teacher_temp, double grad_scale) {
@@ -205,9 +218,10 @@ at::Tensor dino_loss_student(const at::Tensor& student_in, const at::Tensor& tea
               "dino_loss (cpp): teacher must have n_teacher_views * batch rows");
   TORCH_CHECK(center_in.scalar_type() == at::kFloat && center_in.numel() == K,
               "dino_loss (cpp): center must be fp32 with K elements");
-  TORCH_CHECK(teacher_lse_in.scalar_type() == at::kFloat &&
-                  teacher_lse_in.numel() == teacher_in.size(0),
-              "dino_loss (cpp): teacher_lse must be fp32 with one value per teacher row");
+  for (const at::Tensor* stat : {&teacher_max_in, &teacher_inv_sum_in}) {
+    TORCH_CHECK(stat->scalar_type() == at::kFloat && stat->numel() == teacher_in.size(0),
+                "dino_loss (cpp): teacher stats must be fp32 with one value per teacher row");
+  }
   if (grad.has_value()) {
     TORCH_CHECK(grad->sizes() == student_in.sizes() &&
                     grad->scalar_type() == student_in.scalar_type() && grad->stride(1) == 1,
@@ -216,7 +230,8 @@ at::Tensor dino_loss_student(const at::Tensor& student_in, const at::Tensor& tea
   const at::Tensor student = rows_contiguous(student_in);
   const at::Tensor teacher = rows_contiguous(teacher_in);
   const at::Tensor center = center_in.contiguous();
-  const at::Tensor teacher_lse = teacher_lse_in.contiguous();
+  const at::Tensor teacher_max = teacher_max_in.contiguous();
+  const at::Tensor teacher_inv_sum = teacher_inv_sum_in.contiguous();
   at::Tensor row_loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
   if (student.numel() == 0) return row_loss;
   const StudentArgs args{row_offset, batch, n_teacher_views,
@@ -227,7 +242,8 @@ at::Tensor dino_loss_student(const at::Tensor& student_in, const at::Tensor& tea
         scalar_t* g = grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr;
         const int64_t g_stride = grad.has_value() ? grad->stride(0) : 0;
         student_impl<scalar_t>(student, teacher, center.data_ptr<float>(),
-                               teacher_lse.data_ptr<float>(), g, g_stride, args,
+                               teacher_max.data_ptr<float>(),
+                               teacher_inv_sum.data_ptr<float>(), g, g_stride, args,
                                row_loss.data_ptr<float>());
       });
   return row_loss;

@@ -3,9 +3,9 @@
 Two kernels, no ``[rows x K]`` temporary except the gradient itself:
 
 ``teacher_stats``: each program owns a chunk of columns and walks every teacher row,
-so the teacher is read once for two results: per row the log-sum-exp of
+so the teacher is read once for two results: per row the max and the sum of exps of
 ``(teacher - center) / teacher_temp`` over the chunk (combined over chunks into the
-row's softmax normalizer, once per teacher row rather than once per pair), and the
+row's softmax max and 1/sum, once per teacher row rather than once per pair), and the
 chunk's column sums (the batch mean the center moves toward). Chunks cover disjoint
 columns, so the sums are deterministic without atomics.
 
@@ -34,7 +34,7 @@ _STUDENT_BLOCK = 4096
 
 @triton.jit
 def teacher_stats_kernel(
-    t_ptr, c_ptr, plse_ptr, colsum_ptr,
+    t_ptr, c_ptr, pmax_ptr, psum_ptr, colsum_ptr,
     n_rows, K, stride_t, n_chunks, inv_tt,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -55,15 +55,16 @@ def teacher_stats_kernel(
         m = tl.max(x, axis=1)
         m = tl.where(m == float("-inf"), 0.0, m)  # padding rows: avoid -inf - -inf
         # NaN propagates through the sum even where max ignores it
-        plse = m + tl.log(tl.sum(tl.exp(x - m[:, None]), axis=1))
-        tl.store(plse_ptr + rows * n_chunks + chunk, plse, mask=row_ok)
+        tl.store(pmax_ptr + rows * n_chunks + chunk, m, mask=row_ok)
+        tl.store(psum_ptr + rows * n_chunks + chunk, tl.sum(tl.exp(x - m[:, None]), axis=1),
+                 mask=row_ok)
         r0 += BLOCK_R
     tl.store(colsum_ptr + cols, colsum, mask=col_ok)
 
 
 @triton.jit
 def student_loss_grad_kernel(
-    s_ptr, t_ptr, c_ptr, tlse_ptr, g_ptr, loss_ptr,
+    s_ptr, t_ptr, c_ptr, tmax_ptr, tinv_ptr, g_ptr, loss_ptr,
     row_offset, B, K, n_teacher_views,
     stride_s, stride_t, stride_g,
     inv_ts, inv_tt, grad_scale,
@@ -87,7 +88,7 @@ def student_loss_grad_kernel(
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
         start += BLOCK
-    lse = m + tl.log(d)
+    log_d = tl.log(d)
 
     # Pass 2: teacher targets, loss and gradient block by block.
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -96,7 +97,10 @@ def student_loss_grad_kernel(
     while start < K:
         cols = start + tl.arange(0, BLOCK)
         col_ok = cols < K
-        logp = tl.load(s_row + cols, mask=col_ok, other=0.0).to(tl.float32) * inv_ts - lse
+        # (x - max) - log(sum), as log_softmax does: x - lse would shift every logp of
+        # the row by lse's rounding (an ulp of a large number), biasing the loss.
+        x = tl.load(s_row + cols, mask=col_ok, other=0.0).to(tl.float32) * inv_ts
+        logp = (x - m) - log_d
         center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
         q = tl.zeros((BLOCK,), dtype=tl.float32)
         i = 0
@@ -104,7 +108,9 @@ def student_loss_grad_kernel(
             if i != v:
                 t_row = (i * B + b).to(tl.int64)
                 t = tl.load(t_ptr + t_row * stride_t + cols, mask=col_ok, other=0.0)
-                q += tl.exp((t.to(tl.float32) - center) * inv_tt - tl.load(tlse_ptr + t_row))
+                # exp(x - max) / sum, like softmax: each row of q sums to 1 to rounding
+                shifted = (t.to(tl.float32) - center) * inv_tt - tl.load(tmax_ptr + t_row)
+                q += tl.exp(shifted) * tl.load(tinv_ptr + t_row)
             i += 1
         acc += tl.where(col_ok, -q * logp, 0.0)
         if WRITE_GRAD:
@@ -117,27 +123,31 @@ def student_loss_grad_kernel(
 
 def teacher_stats(
     teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per teacher row the log-normalizer of ``(teacher - center) / teacher_temp`` (fp32
-    ``[rows]``) and the column sums of ``teacher`` (fp32 ``[K]``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per teacher row the max and 1/sum-of-exps of ``(teacher - center) / teacher_temp``
+    (fp32 ``[rows]`` each), and the column sums of ``teacher`` (fp32 ``[K]``)."""
     n_rows, K = teacher.shape
     block_c = min(_TEACHER_BLOCK_C, triton.next_power_of_2(K))
     n_chunks = triton.cdiv(K, block_c)
-    plse = torch.empty((n_rows, n_chunks), device=teacher.device, dtype=torch.float32)
+    pmax = torch.empty((n_rows, n_chunks), device=teacher.device, dtype=torch.float32)
+    psum = torch.empty_like(pmax)
     colsum = torch.empty(K, device=teacher.device, dtype=torch.float32)
     teacher_stats_kernel[(n_chunks,)](
-        teacher, center, plse, colsum,
+        teacher, center, pmax, psum, colsum,
         n_rows, K, teacher.stride(0), n_chunks, 1.0 / teacher_temp,
         BLOCK_R=_TEACHER_BLOCK_R, BLOCK_C=block_c, num_warps=4,
     )
-    return torch.logsumexp(plse, dim=1), colsum
+    row_max = pmax.amax(dim=1)
+    row_sum = (psum * torch.exp(pmax - row_max[:, None])).sum(dim=1)
+    return row_max, row_sum.reciprocal(), colsum
 
 
 def student_loss_grad(
     student: torch.Tensor,
     teacher: torch.Tensor,
     center: torch.Tensor,
-    teacher_lse: torch.Tensor,
+    teacher_max: torch.Tensor,
+    teacher_inv_sum: torch.Tensor,
     grad: torch.Tensor | None,
     *,
     row_offset: int,
@@ -155,7 +165,8 @@ def student_loss_grad(
         return row_loss
     block = min(_STUDENT_BLOCK, triton.next_power_of_2(K))
     student_loss_grad_kernel[(n_rows,)](
-        student, teacher, center, teacher_lse, grad if grad is not None else student, row_loss,
+        student, teacher, center, teacher_max, teacher_inv_sum,
+        grad if grad is not None else student, row_loss,
         row_offset, batch, K, n_teacher_views,
         student.stride(0), teacher.stride(0), grad.stride(0) if grad is not None else 0,
         1.0 / student_temp, 1.0 / teacher_temp, grad_scale,
