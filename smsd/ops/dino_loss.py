@@ -94,7 +94,9 @@ def validate_logits(
         )
     K = student.shape[1]
     if teacher.shape[1] != K:
-        raise ValueError(f"{teacher_name} has {teacher.shape[1]} columns but {student_name} has {K}")
+        raise ValueError(
+            f"{teacher_name} has {teacher.shape[1]} columns but {student_name} has {K}"
+        )
     if tuple(center.shape) != (1, K):
         raise ValueError(f"center must have shape [1, {K}], got {list(center.shape)}")
     if K == 0:

@@ -75,7 +75,7 @@ class FusedLinearDinoLoss(torch.autograd.Function):
         t_max, t_inv_sum, colsum = teacher_stats(backend, teacher, center_in, opts.teacher_temp)
         del teacher_feats
         scale = 1.0 / (opts.n_pairs * batch)
-        n_rows, D = student_feats.shape
+        n_rows = student_feats.shape[0]
         grad_feats = torch.empty_like(student_feats) if need_feats else None
         # fp32 accumulator across chunks for half weights (rounding once at the end)
         grad_weight = (torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
