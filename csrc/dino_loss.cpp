@@ -27,6 +27,13 @@ namespace smsd {
 namespace {
 
 constexpr int64_t kLanes = 16;  // independent accumulators: vector width x unroll
+// Elements per parallel task: below this a thread hand-off costs more than it saves
+// (and on a busy machine a barrier can wait for a descheduled thread).
+constexpr int64_t kGrainElements = 32 * 1024;
+
+inline int64_t grain(int64_t per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_item, 1));
+}
 
 // exp(x) = 2^n exp(r), |r| <= ln2 / 2, degree-7 polynomial (rel. error ~1e-8 before
 // rounding); branch-free so loops over it vectorize. NaN stays NaN; x < -87 gives 0.
@@ -92,7 +99,7 @@ void teacher_stats_impl(const at::Tensor& teacher, const float* center, float in
                         float* row_max, float* row_inv_sum, float* colsum) {
   const int64_t rows = teacher.size(0), K = teacher.size(1), stride = teacher.stride(0);
   const scalar_t* t = teacher.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(K), [&](int64_t begin, int64_t end) {
     std::vector<float> x(K);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = t + r * stride;
@@ -103,8 +110,7 @@ void teacher_stats_impl(const at::Tensor& teacher, const float* center, float in
     }
   });
   // Column sums over disjoint column ranges: deterministic, no atomics.
-  constexpr int64_t kColGrain = 1024;
-  at::parallel_for(0, K, kColGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K, std::max<int64_t>(256, grain(rows)), [&](int64_t begin, int64_t end) {
     std::vector<float> acc(end - begin, 0.0f);
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* row = t + r * stride + begin;
@@ -127,7 +133,7 @@ void student_impl(const at::Tensor& student, const at::Tensor& teacher, const fl
   const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
   const scalar_t* s = student.data_ptr<scalar_t>();
   const scalar_t* t = teacher.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(K), [&](int64_t begin, int64_t end) {
     std::vector<float> x(K), q(K);
     for (int64_t j = begin; j < end; ++j) {
       const int64_t row = a.row_offset + j, v = row / a.batch, b = row % a.batch;
