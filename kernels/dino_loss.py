@@ -4,10 +4,11 @@ Two kernels, no ``[rows x K]`` temporary except the gradient itself:
 
 ``teacher_stats``: each program owns a chunk of columns and walks every teacher row,
 so the teacher is read once for two results: per row the max and the sum of exps of
-``(teacher - center) / teacher_temp`` over the chunk (combined over chunks into the
-row's softmax max and 1/sum, once per teacher row rather than once per pair), and the
-chunk's column sums (the batch mean the center moves toward). Chunks cover disjoint
-columns, so the sums are deterministic without atomics.
+``(teacher - center) / teacher_temp`` over the chunk (once per teacher row, not once
+per pair; the student kernel combines the few chunk partials of the rows it needs,
+which saves the launches of a separate combine), and the chunk's column sums (the
+batch mean the center moves toward). Chunks cover disjoint columns, so the sums are
+deterministic without atomics.
 
 ``student_loss_grad``: one program per student row ``(v, b)``. Pass 1 is one online
 log-sum-exp over K. Pass 2 rebuilds, block by block, ``Q = sum over teacher views
@@ -63,12 +64,23 @@ def teacher_stats_kernel(
 
 
 @triton.jit
+def _teacher_row_stats(pmax_ptr, psum_ptr, t_row, n_chunks, CHUNKS: tl.constexpr):
+    """Max and 1/sum of exps of one teacher row from its per-chunk partials."""
+    offs = tl.arange(0, CHUNKS)
+    ok = offs < n_chunks
+    pmax = tl.load(pmax_ptr + t_row * n_chunks + offs, mask=ok, other=float("-inf"))
+    psum = tl.load(psum_ptr + t_row * n_chunks + offs, mask=ok, other=0.0)
+    row_max = tl.max(pmax, axis=0)
+    return row_max, 1.0 / tl.sum(tl.where(ok, psum * tl.exp(pmax - row_max), 0.0), axis=0)
+
+
+@triton.jit
 def student_loss_grad_kernel(
-    s_ptr, t_ptr, c_ptr, tmax_ptr, tinv_ptr, g_ptr, loss_ptr,
-    row_offset, B, K, n_teacher_views,
+    s_ptr, t_ptr, c_ptr, pmax_ptr, psum_ptr, g_ptr, loss_ptr,
+    row_offset, B, K, n_teacher_views, n_chunks,
     stride_s, stride_t, stride_g,
     inv_ts, inv_tt, grad_scale,
-    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = row_offset + pid  # global student row: view v of image b
@@ -107,10 +119,11 @@ def student_loss_grad_kernel(
         while i < n_teacher_views:
             if i != v:
                 t_row = (i * B + b).to(tl.int64)
+                t_max, t_inv_sum = _teacher_row_stats(pmax_ptr, psum_ptr, t_row, n_chunks,
+                                                      CHUNKS)
                 t = tl.load(t_ptr + t_row * stride_t + cols, mask=col_ok, other=0.0)
                 # exp(x - max) / sum, like softmax: each row of q sums to 1 to rounding
-                shifted = (t.to(tl.float32) - center) * inv_tt - tl.load(tmax_ptr + t_row)
-                q += tl.exp(shifted) * tl.load(tinv_ptr + t_row)
+                q += tl.exp((t.to(tl.float32) - center) * inv_tt - t_max) * t_inv_sum
             i += 1
         acc += tl.where(col_ok, -q * logp, 0.0)
         if WRITE_GRAD:
@@ -123,9 +136,10 @@ def student_loss_grad_kernel(
 
 def teacher_stats(
     teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per teacher row the max and 1/sum-of-exps of ``(teacher - center) / teacher_temp``
-    (fp32 ``[rows]`` each), and the column sums of ``teacher`` (fp32 ``[K]``)."""
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(stats, colsum)``: per teacher row and column chunk the max and the sum of exps of
+    ``(teacher - center) / teacher_temp`` (fp32 ``[rows, chunks]`` each, combined by
+    :func:`student_loss_grad`), and the column sums of ``teacher`` (fp32 ``[K]``)."""
     n_rows, K = teacher.shape
     block_c = min(_TEACHER_BLOCK_C, triton.next_power_of_2(K))
     n_chunks = triton.cdiv(K, block_c)
@@ -137,17 +151,14 @@ def teacher_stats(
         n_rows, K, teacher.stride(0), n_chunks, 1.0 / teacher_temp,
         BLOCK_R=_TEACHER_BLOCK_R, BLOCK_C=block_c, num_warps=4,
     )
-    row_max = pmax.amax(dim=1)
-    row_sum = (psum * torch.exp(pmax - row_max[:, None])).sum(dim=1)
-    return row_max, row_sum.reciprocal(), colsum
+    return (pmax, psum), colsum
 
 
 def student_loss_grad(
     student: torch.Tensor,
     teacher: torch.Tensor,
     center: torch.Tensor,
-    teacher_max: torch.Tensor,
-    teacher_inv_sum: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
     grad: torch.Tensor | None,
     *,
     row_offset: int,
@@ -158,18 +169,21 @@ def student_loss_grad(
     grad_scale: float,
 ) -> torch.Tensor:
     """Loss of each row of ``student`` (global rows ``row_offset + j``), fp32 ``[rows]``;
-    writes ``grad_scale * dloss_row/dstudent`` into ``grad`` (may be ``student`` itself)."""
+    writes ``grad_scale * dloss_row/dstudent`` into ``grad`` (may be ``student`` itself).
+    ``stats`` comes from :func:`teacher_stats`."""
     n_rows, K = student.shape
     row_loss = torch.empty(n_rows, device=student.device, dtype=torch.float32)
     if n_rows == 0:
         return row_loss
+    pmax, psum = stats
     block = min(_STUDENT_BLOCK, triton.next_power_of_2(K))
     student_loss_grad_kernel[(n_rows,)](
-        student, teacher, center, teacher_max, teacher_inv_sum,
+        student, teacher, center, pmax, psum,
         grad if grad is not None else student, row_loss,
-        row_offset, batch, K, n_teacher_views,
+        row_offset, batch, K, n_teacher_views, pmax.shape[1],
         student.stride(0), teacher.stride(0), grad.stride(0) if grad is not None else 0,
         1.0 / student_temp, 1.0 / teacher_temp, grad_scale,
-        WRITE_GRAD=grad is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        WRITE_GRAD=grad is not None, BLOCK=block, CHUNKS=triton.next_power_of_2(pmax.shape[1]),
+        num_warps=8 if block >= 2048 else 4,
     )
     return row_loss

@@ -28,11 +28,12 @@ def compile_for_h100(dtype: str) -> None:
     module = _kernels.load("dino_loss")
     ptr = "*" + dtype
     student = {
-        "s_ptr": ptr, "t_ptr": ptr, "c_ptr": "*fp32", "tmax_ptr": "*fp32", "tinv_ptr": "*fp32",
+        "s_ptr": ptr, "t_ptr": ptr, "c_ptr": "*fp32", "pmax_ptr": "*fp32", "psum_ptr": "*fp32",
         "g_ptr": ptr, "loss_ptr": "*fp32", "row_offset": "i32", "B": "i32", "K": "i32",
-        "n_teacher_views": "i32", "stride_s": "i32", "stride_t": "i32", "stride_g": "i32",
+        "n_teacher_views": "i32", "n_chunks": "i32",
+        "stride_s": "i32", "stride_t": "i32", "stride_g": "i32",
         "inv_ts": "fp32", "inv_tt": "fp32", "grad_scale": "fp32",
-        "WRITE_GRAD": "constexpr", "BLOCK": "constexpr",
+        "WRITE_GRAD": "constexpr", "BLOCK": "constexpr", "CHUNKS": "constexpr",
     }
     teacher = {
         "t_ptr": ptr, "c_ptr": "*fp32", "pmax_ptr": "*fp32", "psum_ptr": "*fp32",
@@ -41,7 +42,7 @@ def compile_for_h100(dtype: str) -> None:
     }
     kernels = (
         (module.student_loss_grad_kernel, student,
-         {"WRITE_GRAD": True, "BLOCK": module._STUDENT_BLOCK}, 8),
+         {"WRITE_GRAD": True, "BLOCK": module._STUDENT_BLOCK, "CHUNKS": 128}, 8),
         (module.teacher_stats_kernel, teacher,
          {"BLOCK_R": module._TEACHER_BLOCK_R, "BLOCK_C": module._TEACHER_BLOCK_C}, 4),
     )

@@ -130,24 +130,28 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_stats(backend: str, teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float):
-    """(max, 1/sum of exps) of each teacher row's softmax and the teacher's column sums."""
+    """``(stats, colsum)``: the teacher rows' softmax statistics, in the form the backend's
+    student kernel takes, and the teacher's fp32 column sums."""
     if backend == "cpp":
-        return extension().dino_loss_teacher_stats(teacher, center, teacher_temp)
+        row_max, row_inv_sum, colsum = extension().dino_loss_teacher_stats(
+            teacher, center, teacher_temp
+        )
+        return (row_max, row_inv_sum), colsum
     return _kernels.load("dino_loss").teacher_stats(teacher, center, teacher_temp)
 
 
 def student_loss_grad(
-    backend: str, student, teacher, center, teacher_max, teacher_inv_sum, grad, *,
+    backend: str, student, teacher, center, stats, grad, *,
     row_offset: int, batch: int, opts: DinoLossOptions, grad_scale: float,
 ) -> torch.Tensor:
     """Per-row loss of ``student`` rows ``row_offset + j``; the scaled gradient into ``grad``."""
     if backend == "cpp":
         return extension().dino_loss_student(
-            student, teacher, center, teacher_max, teacher_inv_sum, grad, row_offset, batch,
+            student, teacher, center, *stats, grad, row_offset, batch,
             opts.n_teacher_views, opts.student_temp, opts.teacher_temp, grad_scale,
         )
     return _kernels.load("dino_loss").student_loss_grad(
-        student, teacher, center, teacher_max, teacher_inv_sum, grad,
+        student, teacher, center, stats, grad,
         row_offset=row_offset, batch=batch, n_teacher_views=opts.n_teacher_views,
         student_temp=opts.student_temp, teacher_temp=opts.teacher_temp, grad_scale=grad_scale,
     )
@@ -171,11 +175,11 @@ class DinoLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, center, backend: str, opts: DinoLossOptions, batch: int):
         center_in = center.contiguous()
-        t_max, t_inv_sum, colsum = teacher_stats(backend, teacher, center_in, opts.teacher_temp)
+        stats, colsum = teacher_stats(backend, teacher, center_in, opts.teacher_temp)
         scale = 1.0 / (opts.n_pairs * batch)
         grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
         row_loss = student_loss_grad(
-            backend, student, teacher, center_in, t_max, t_inv_sum, grad,
+            backend, student, teacher, center_in, stats, grad,
             row_offset=0, batch=batch, opts=opts, grad_scale=scale,
         )
         ctx.save_for_backward(grad)

@@ -72,7 +72,7 @@ class FusedLinearDinoLoss(torch.autograd.Function):
         need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         center_in = center.contiguous()
         teacher = teacher_feats @ weight.T
-        t_max, t_inv_sum, colsum = teacher_stats(backend, teacher, center_in, opts.teacher_temp)
+        stats, colsum = teacher_stats(backend, teacher, center_in, opts.teacher_temp)
         del teacher_feats
         scale = 1.0 / (opts.n_pairs * batch)
         n_rows = student_feats.shape[0]
@@ -85,7 +85,7 @@ class FusedLinearDinoLoss(torch.autograd.Function):
             feats = student_feats[start:start + chunk_rows]
             logits = feats @ weight.T
             losses.append(student_loss_grad(
-                backend, logits, teacher, center_in, t_max, t_inv_sum,
+                backend, logits, teacher, center_in, stats,
                 logits if need_feats or need_weight else None,
                 row_offset=start, batch=batch, opts=opts, grad_scale=scale,
             ))
