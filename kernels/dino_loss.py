@@ -31,6 +31,11 @@ _TEACHER_BLOCK_C = 512
 _TEACHER_BLOCK_R = 8
 # Student block: 4096 fp32 per step keeps 16 values per thread at 8 warps.
 _STUDENT_BLOCK = 4096
+# No FMA contraction: the student kernel recomputes x = (t - c) * (1 / T) and takes
+# exp(x - max); with a fused multiply-add x would not be rounded as it was when the
+# teacher kernel took the max and the sum, and q rows would no longer sum to 1 (2% off
+# at logits of 1e4). The kernels are memory-bound, so unfused arithmetic costs nothing.
+_COMPILE = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -149,7 +154,7 @@ def teacher_stats(
     teacher_stats_kernel[(n_chunks,)](
         teacher, center, pmax, psum, colsum,
         n_rows, K, teacher.stride(0), n_chunks, 1.0 / teacher_temp,
-        BLOCK_R=_TEACHER_BLOCK_R, BLOCK_C=block_c, num_warps=4,
+        BLOCK_R=_TEACHER_BLOCK_R, BLOCK_C=block_c, num_warps=4, **_COMPILE,
     )
     return (pmax, psum), colsum
 
@@ -184,6 +189,6 @@ def student_loss_grad(
         student.stride(0), teacher.stride(0), grad.stride(0) if grad is not None else 0,
         1.0 / student_temp, 1.0 / teacher_temp, grad_scale,
         WRITE_GRAD=grad is not None, BLOCK=block, CHUNKS=triton.next_power_of_2(pmax.shape[1]),
-        num_warps=8 if block >= 2048 else 4,
+        num_warps=8 if block >= 2048 else 4, **_COMPILE,
     )
     return row_loss

@@ -49,8 +49,10 @@ def compile_for_h100(dtype: str) -> None:
     for kernel, signature, constexprs, num_warps in kernels:
         src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps})
-        assert ".local" not in compiled.asm["ptx"], f"{kernel.fn.__name__} spills registers"
+                                  options={"num_warps": num_warps, **module._COMPILE})
+        ptx = compiled.asm["ptx"]
+        assert ".local" not in ptx, f"{kernel.fn.__name__} spills registers"
+        assert "fma.rn.f32" not in ptx, f"{kernel.fn.__name__}: FMA contraction (see _COMPILE)"
 
 
 @pytest.mark.parametrize("dtype", ("fp32", "bf16", "fp16"))
