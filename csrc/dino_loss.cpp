@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -202,9 +203,14 @@ __attribute__((target("avx2,fma,f16c"))) float student_row_avx2(
   return student_row(s_row, tv, a, row, K, x, q, g_row);
 }
 
+// SMSD_CPU_BASELINE=1 forces the baseline bodies (so tests can cover both paths).
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  static const bool has = [] {
+    const char* force = std::getenv("SMSD_CPU_BASELINE");
+    if (force != nullptr && std::strcmp(force, "1") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
   return has;
 }
 #endif

@@ -216,3 +216,54 @@ def test_auto_backend_on_cpu_uses_cpp_when_built():
     with smsd.use_backend("auto"):
         loss = dino_loss(student.bfloat16(), teacher.bfloat16(), center, n_student_views=4)
     assert loss.dtype == torch.float32  # the kernels' fp32 loss, not the reference's bf16
+
+
+BASELINE_CHECK = """
+import torch, smsd
+from smsd.ops import dino_loss, reference
+from smsd.testing import accuracy
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    s = torch.randn(8, 1000, generator=gen, dtype=torch.float64).to(dtype)
+    t = torch.randn(4, 1000, generator=gen, dtype=torch.float64).to(dtype)
+    c = torch.randn(1, 1000, generator=gen) * 0.1
+    def run(fn, s, t, c):
+        s = s.clone().requires_grad_(True); c = c.clone()
+        loss = fn(s, t, c, n_student_views=4); loss.backward()
+        return loss.detach(), s.grad, c
+    with smsd.use_backend("cpp"):
+        got = run(dino_loss, s, t, c)
+    exact = run(reference.dino_loss, s.double(), t.double(), c.double())
+    plain = run(reference.dino_loss, s, t, c)
+    for g, p, e in zip(got, plain, exact):
+        acc = accuracy(g, p, e)
+        assert acc.ok, (dtype, str(acc))
+print("ok")
+"""
+
+
+def test_cpp_baseline_isa_path():
+    """The C++ row bodies also run without AVX2 (SMSD_CPU_BASELINE=1 forces that path)."""
+    import os
+    import subprocess
+    import sys
+
+    if not smsd.backends()["cpp"].available:
+        pytest.skip("cpp extension not built")
+    env = {**os.environ, "SMSD_CPU_BASELINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", BASELINE_CHECK], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_repeated_backward_accumulates(backend):
+    """The stored gradient is handed out as is when grad_output is 1; accumulating into
+    ``.grad`` over several backward calls must not alter it."""
+    student, teacher, center = make_inputs(4, 2, 2, 300)
+    s = student.float().requires_grad_(True)
+    loss = dino_loss(s, teacher.float(), center.float(), n_student_views=4)
+    loss.backward(retain_graph=True)
+    once = s.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.allclose(s.grad, 3 * once, rtol=1e-6, atol=1e-9)
