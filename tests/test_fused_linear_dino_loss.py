@@ -98,3 +98,16 @@ def test_bad_chunk_rows():
     args = [x.float() for x in make_inputs(4, 2, 2, 64, 8)]
     with pytest.raises(ValueError, match="chunk_rows"):
         fused_linear_dino_loss(*args, n_student_views=4, chunk_rows=0)
+
+
+def test_autocast_does_not_change_the_result(backend):
+    """Under autocast the kernels' path still computes in its inputs' dtype."""
+    if backend == "torch":
+        pytest.skip("the torch backend is the reference, which follows autocast")
+    sf, tf, weight, center = (x.float() for x in make_inputs(4, 2, 2, 200, 16))
+    plain = run(fused_linear_dino_loss, sf, tf, weight, center, n_student_views=4, chunk_rows=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = run(fused_linear_dino_loss, sf, tf, weight, center, n_student_views=4,
+                   chunk_rows=3)
+    for a, b in zip(plain, cast, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -69,6 +69,17 @@ class FusedLinearDinoLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_feats, teacher_feats, weight, center, backend: str,
                 opts: DinoLossOptions, batch: int, chunk_rows: int):
+        # The matmuls run in the inputs' (checked, common) dtype even under autocast: the
+        # gradient buffers are allocated in that dtype and the kernels accumulate in fp32.
+        with torch.autocast(student_feats.device.type, enabled=False):
+            return FusedLinearDinoLoss._forward(
+                ctx, student_feats, teacher_feats, weight, center, backend, opts, batch,
+                chunk_rows,
+            )
+
+    @staticmethod
+    def _forward(ctx, student_feats, teacher_feats, weight, center, backend: str,
+                 opts: DinoLossOptions, batch: int, chunk_rows: int):
         need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         center_in = center.contiguous()
         teacher = teacher_feats @ weight.T
