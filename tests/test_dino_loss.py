@@ -267,3 +267,21 @@ def test_repeated_backward_accumulates(backend):
     loss.backward(retain_graph=True)
     loss.backward()
     assert torch.allclose(s.grad, 3 * once, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", (65536, 60000))
+def test_matches_reference_on_gpu_at_full_k(dtype, K):
+    """The DINO head's output sizes on the GPU (Triton kernels, compiled), 10+2 views."""
+    student, teacher, center = make_inputs(10, 2, 4, K)
+    s, t = student.to("cuda", dtype), teacher.to("cuda", dtype)
+    c = center.float().cuda()
+    with smsd.use_backend("triton"):
+        got = run(dino_loss, s, t, c, n_student_views=10)
+    exact = run(reference.dino_loss, s.double(), t.double(), c.double(), n_student_views=10)
+    plain = run(reference.dino_loss, s, t, c, n_student_views=10)
+    for name, value, base, ref in zip(("loss", "grad", "center"), got, plain, exact, strict=True):
+        acc = accuracy(value, base, ref)
+        assert acc.ok, f"{name}: {acc}"
