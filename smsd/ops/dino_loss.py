@@ -9,6 +9,7 @@ all-reduce in a distributed run, happens after the loss used the old center.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -45,15 +46,15 @@ class DinoLossOptions:
 
 
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return int(value)
 
 
 def _real(name: str, value: object, low: float, high: float, *, open_low: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     ok = math.isfinite(value) and (value > low if open_low else value >= low) and value <= high
@@ -65,14 +66,18 @@ def _real(name: str, value: object, low: float, high: float, *, open_low: bool) 
 
 def make_options(**kwargs) -> DinoLossOptions:
     """Checked options (``TypeError``/``ValueError`` naming the argument)."""
-    opts = DinoLossOptions(**kwargs)
-    _positive_int("n_student_views", opts.n_student_views)
-    _positive_int("n_teacher_views", opts.n_teacher_views)
-    _real("student_temp", opts.student_temp, 0.0, math.inf, open_low=True)
-    _real("teacher_temp", opts.teacher_temp, 0.0, math.inf, open_low=True)
-    _real("center_momentum", opts.center_momentum, 0.0, 1.0, open_low=False)
-    if not isinstance(opts.update_center, bool):
-        raise TypeError(f"update_center must be a bool, got {type(opts.update_center).__name__}")
+    raw = DinoLossOptions(**kwargs)
+    if not isinstance(raw.update_center, bool):
+        raise TypeError(f"update_center must be a bool, got {type(raw.update_center).__name__}")
+    opts = DinoLossOptions(
+        n_student_views=_positive_int("n_student_views", raw.n_student_views),
+        n_teacher_views=_positive_int("n_teacher_views", raw.n_teacher_views),
+        student_temp=_real("student_temp", raw.student_temp, 0.0, math.inf, open_low=True),
+        teacher_temp=_real("teacher_temp", raw.teacher_temp, 0.0, math.inf, open_low=True),
+        center_momentum=_real("center_momentum", raw.center_momentum, 0.0, 1.0,
+                              open_low=False),
+        update_center=raw.update_center,
+    )
     if opts.n_pairs == 0:
         raise ValueError(
             "n_student_views=1 and n_teacher_views=1 leave no pair of different views to compare"
