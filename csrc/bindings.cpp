@@ -16,7 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("center"), py::arg("teacher_temp"));
   m.def("dino_loss_student", &smsd::dino_loss_student,
         "dino_loss: per-row loss and scaled student gradient (CPU)", py::arg("student"),
-        py::arg("teacher"), py::arg("center"), py::arg("teacher_max"), py::arg("teacher_inv_sum"), py::arg("grad"),
-        py::arg("row_offset"), py::arg("batch"), py::arg("n_teacher_views"),
-        py::arg("student_temp"), py::arg("teacher_temp"), py::arg("grad_scale"));
+        py::arg("teacher"), py::arg("center"), py::arg("teacher_max"),
+        py::arg("teacher_inv_sum"), py::arg("grad"), py::arg("row_offset"), py::arg("batch"),
+        py::arg("n_teacher_views"), py::arg("student_temp"), py::arg("teacher_temp"),
+        py::arg("grad_scale"));
 }

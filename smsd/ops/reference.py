@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["dino_loss", "fused_linear_dino_loss", "masked_sample"]
+__all__ = ["masked_sample"]
+__all__ += ["dino_loss", "fused_linear_dino_loss"]
 
 
 def masked_sample(
