@@ -11,4 +11,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_sample_backward", &smsd::masked_sample_backward, "masked_sample backward (CPU)",
         py::arg("grad_out"), py::arg("index"), py::arg("perm") = py::none(),
         py::arg("n_tokens"));
+  m.def("dino_loss_teacher_stats", &smsd::dino_loss_teacher_stats,
+        "dino_loss: teacher softmax max, 1/sum and column sums (CPU)", py::arg("teacher"),
+        py::arg("center"), py::arg("teacher_temp"));
+  m.def("dino_loss_student", &smsd::dino_loss_student,
+        "dino_loss: per-row loss and scaled student gradient (CPU)", py::arg("student"),
+        py::arg("teacher"), py::arg("center"), py::arg("teacher_max"),
+        py::arg("teacher_inv_sum"), py::arg("grad"), py::arg("row_offset"), py::arg("batch"),
+        py::arg("n_teacher_views"), py::arg("student_temp"), py::arg("teacher_temp"),
+        py::arg("grad_scale"));
 }

@@ -4,7 +4,10 @@
 """
 
 from . import reference
+from .dino_loss import dino_loss
+from .fused_linear_dino_loss import fused_linear_dino_loss
 from .masked_sample import masked_sample
 from .sample_views import sample_views, view_size
 
 __all__ = ["masked_sample", "reference", "sample_views", "view_size"]
+__all__ += ["dino_loss", "fused_linear_dino_loss"]

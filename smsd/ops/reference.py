@@ -8,8 +8,11 @@ gradients.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 __all__ = ["masked_sample"]
+__all__ += ["dino_loss", "fused_linear_dino_loss"]
 
 
 def masked_sample(
@@ -26,3 +29,60 @@ def masked_sample(
     if perm is not None:
         x = torch.gather(x, 1, perm.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return torch.gather(x, 1, index.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def dino_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    n_student_views: int,
+    n_teacher_views: int = 2,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+    center_momentum: float = 0.9,
+    update_center: bool = True,
+) -> torch.Tensor:
+    """DINO's distillation loss, as ``DINOLoss.forward`` of facebookresearch/dino computes it.
+
+    Rows are view-major (``student[v * B + b]`` is view ``v`` of image ``b``). Teacher view
+    ``i`` is compared with every student view ``v != i``; each pair's cross-entropy is
+    averaged over the batch and the pairs are averaged. Afterwards (the loss used the old
+    center) ``center`` is moved in place toward the batch mean of the raw teacher outputs,
+    all-reduced across ranks when ``torch.distributed`` is initialized.
+    """
+    student_out = (student / student_temp).chunk(n_student_views)
+    teacher_out = F.softmax((teacher - center) / teacher_temp, dim=-1).detach()
+    total, n_terms = 0.0, 0
+    for i, q in enumerate(teacher_out.chunk(n_teacher_views)):
+        for v, s in enumerate(student_out):
+            if v == i:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+            n_terms += 1
+    total = total / n_terms
+    if update_center:
+        _dino_center_update(center, teacher, center_momentum)
+    return total
+
+
+@torch.no_grad()
+def _dino_center_update(center: torch.Tensor, teacher: torch.Tensor, momentum: float) -> None:
+    batch_center = torch.sum(teacher, dim=0, keepdim=True)
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_center)
+        world = dist.get_world_size()
+    batch_center = batch_center / (len(teacher) * world)
+    center.copy_(center * momentum + batch_center * (1 - momentum))
+
+
+def fused_linear_dino_loss(
+    student_feats: torch.Tensor,
+    teacher_feats: torch.Tensor,
+    weight: torch.Tensor,
+    center: torch.Tensor,
+    **options,
+) -> torch.Tensor:
+    """:func:`dino_loss` of the head's logits ``feats @ weight.T`` (``weight`` is ``[K, D]``)."""
+    return dino_loss(student_feats @ weight.T, teacher_feats @ weight.T, center, **options)

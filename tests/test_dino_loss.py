@@ -1,0 +1,287 @@
+"""dino_loss against the reference (which mirrors facebookresearch/dino's DINOLoss).
+
+Tolerances follow ``smsd.testing.accuracy`` (flash-attention's rule): against the
+fp64 reference, a backend's max error may be at most 2x the error of plain PyTorch
+in the same dtype, plus one ulp of the output's scale. For fp32 that is a few fp32
+ulps of the loss, gradient and center; for fp16/bf16 inputs the kernels accumulate
+in fp32, so their loss and center are usually far inside the bound, and the gradient
+(stored in the input dtype) is bounded by its own rounding, as plain PyTorch's is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import smsd
+from smsd.ops import dino_loss, reference
+from smsd.testing import accuracy, max_error
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (n_student_views, B, K): view counts 2/4/10, B=1, K not a power of two; few rows so
+# the Triton interpreter stays fast.
+SHAPES = ((2, 3, 257), (4, 2, 1000), (10, 1, 4096), (10, 2, 257))
+
+
+def make_inputs(S, T, B, K, *, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    student = torch.randn(S * B, K, generator=gen, dtype=torch.float64) * scale
+    teacher = torch.randn(T * B, K, generator=gen, dtype=torch.float64) * scale
+    center = torch.randn(1, K, generator=gen, dtype=torch.float64) * 0.1 * scale
+    return student, teacher, center
+
+
+def run(fn, student, teacher, center, **opts):
+    """(loss, student grad, center after the call) of ``fn`` on copies of the inputs."""
+    s = student.detach().clone().requires_grad_(True)
+    c = center.detach().clone()
+    loss = fn(s, teacher.detach().clone(), c, **opts)
+    loss.backward()
+    return loss.detach(), s.grad, c
+
+
+def check_against_reference(student, teacher, center, dtype, **opts):
+    """Run the active backend in ``dtype``; compare with fp64 and same-dtype references."""
+    s, t = student.to(dtype), teacher.to(dtype)
+    c = center.float()
+    got = run(dino_loss, s, t, c, **opts)
+    exact = run(reference.dino_loss, s.double(), t.double(), c.double(), **opts)
+    plain = run(reference.dino_loss, s, t, c, **opts)
+    for name, value, base, ref in zip(("loss", "grad", "center"), got, plain, exact, strict=True):
+        acc = accuracy(value, base, ref)
+        assert acc.ok, f"{name}: {acc}"
+    return got, exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("S", "B", "K"), SHAPES, ids=lambda v: str(v))
+def test_matches_reference(backend, dtype, S, B, K):
+    student, teacher, center = make_inputs(S, 2, B, K)
+    check_against_reference(student, teacher, center, dtype, n_student_views=S)
+
+
+@pytest.mark.parametrize(("S", "T"), ((3, 1), (2, 3), (1, 2)))
+def test_view_counts(backend, S, T):
+    student, teacher, center = make_inputs(S, T, 2, 300)
+    check_against_reference(
+        student, teacher, center, torch.float32, n_student_views=S, n_teacher_views=T
+    )
+
+
+def test_options(backend):
+    student, teacher, center = make_inputs(4, 2, 2, 500)
+    check_against_reference(
+        student, teacher, center, torch.float32, n_student_views=4,
+        student_temp=0.2, teacher_temp=0.07, center_momentum=0.5,
+    )
+
+
+def test_update_center_false(backend):
+    student, teacher, center = make_inputs(4, 2, 2, 300)
+    c = center.float()
+    _, _, c_after = run(dino_loss, student.float(), teacher.float(), c, n_student_views=4,
+                        update_center=False)
+    assert torch.equal(c_after, c)
+
+
+def test_large_logits_do_not_overflow(backend):
+    student, teacher, center = make_inputs(4, 2, 2, 257, scale=1e4)
+    (loss, grad, c), _ = check_against_reference(
+        student, teacher, center, torch.float32, n_student_views=4
+    )
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and torch.isfinite(c).all()
+
+
+def test_nan_in_student_like_reference(backend):
+    student, teacher, center = make_inputs(4, 2, 2, 257)
+    student[5, 17] = float("nan")
+    got = run(dino_loss, student.float(), teacher.float(), center.float(), n_student_views=4)
+    ref = run(reference.dino_loss, student, teacher, center, n_student_views=4)
+    assert torch.isnan(got[0])
+    for name, value, expected in zip(("loss", "grad", "center"), got, ref, strict=True):
+        assert not math.isnan(max_error(value, expected)), f"{name}: NaN pattern differs"
+
+
+def test_nan_in_teacher_like_reference(backend):
+    student, teacher, center = make_inputs(4, 2, 2, 257)
+    teacher[1, 3] = float("nan")
+    got = run(dino_loss, student.float(), teacher.float(), center.float(), n_student_views=4)
+    ref = run(reference.dino_loss, student, teacher, center, n_student_views=4)
+    assert torch.isnan(got[0]) and torch.isnan(got[2][0, 3])
+    for name, value, expected in zip(("loss", "grad", "center"), got, ref, strict=True):
+        assert not math.isnan(max_error(value, expected)), f"{name}: NaN pattern differs"
+
+
+@pytest.mark.parametrize("layout", ("column_stride", "transposed", "row_padding"))
+def test_non_contiguous_inputs(backend, layout):
+    S, B, K = 4, 2, 300
+    student, teacher, center = make_inputs(S, 2, B, K)
+
+    def strided(x):
+        if layout == "column_stride":
+            wide = torch.zeros(x.shape[0], 2 * K, dtype=x.dtype)
+            wide[:, ::2] = x
+            return wide[:, ::2]
+        if layout == "transposed":
+            return x.t().contiguous().t()
+        wide = torch.zeros(x.shape[0], K + 13, dtype=x.dtype)
+        wide[:, :K] = x
+        return wide[:, :K]
+
+    s, t = strided(student.float()), strided(teacher.float())
+    c_wide = torch.zeros(1, 2 * K)
+    c_wide[:, ::2] = center.float()
+    c = c_wide[:, ::2]  # updated in place through the view
+    loss = dino_loss(s.requires_grad_(True), t, c, n_student_views=S)
+    loss.backward()
+    ref_loss, ref_grad, ref_center = run(
+        reference.dino_loss, student, teacher, center, n_student_views=S
+    )
+    assert max_error(loss, ref_loss) < 1e-4
+    assert max_error(s.grad, ref_grad) < 1e-6
+    assert max_error(c_wide[:, ::2], ref_center) < 1e-6
+
+
+def test_backward_scales_by_grad_output(backend):
+    student, teacher, center = make_inputs(4, 2, 2, 300)
+    s = student.float().requires_grad_(True)
+    loss = dino_loss(s, teacher.float(), center.float(), n_student_views=4)
+    (3.0 * loss).backward(retain_graph=True)
+    once = s.grad.clone()
+    loss.backward()  # a second backward adds the unscaled gradient
+    assert torch.allclose(s.grad, once * (4.0 / 3.0), rtol=1e-6, atol=1e-9)
+
+
+def test_teacher_gets_no_gradient(backend):
+    student, teacher, center = make_inputs(4, 2, 2, 300)
+    s = student.float().requires_grad_(True)
+    t = teacher.float().requires_grad_(True)
+    dino_loss(s, t, center.float(), n_student_views=4).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_no_grad_needed(backend):
+    student, teacher, center = make_inputs(4, 2, 2, 300)
+    loss = dino_loss(student.float(), teacher.float(), center.float(), n_student_views=4)
+    ref = reference.dino_loss(student, teacher, center.clone(), n_student_views=4)
+    assert not loss.requires_grad
+    assert abs(float(loss) - float(ref)) < 1e-4
+
+
+def good_args():
+    student, teacher, center = make_inputs(4, 2, 2, 64)
+    return student.float(), teacher.float(), center.float()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a, k: a.__setitem__(0, a[0].long()), TypeError, "student must have dtype"),
+        (lambda a, k: a.__setitem__(0, a[0].double()), TypeError, "student must have dtype"),
+        (lambda a, k: a.__setitem__(0, [1.0]), TypeError, "student must be a torch.Tensor"),
+        (lambda a, k: a.__setitem__(1, a[1].half()), TypeError, "teacher has dtype"),
+        (lambda a, k: a.__setitem__(2, a[2].half()), TypeError, "center must have dtype"),
+        (lambda a, k: a.__setitem__(0, a[0][:7]), ValueError, "n_student_views=4"),
+        (lambda a, k: a.__setitem__(1, a[1][:3]), ValueError, "teacher has 3 rows"),
+        (lambda a, k: a.__setitem__(1, a[1][:, :60]), ValueError, "teacher has 60 columns"),
+        (lambda a, k: a.__setitem__(2, a[2][:, :60]), ValueError, "center must have shape"),
+        (lambda a, k: a.__setitem__(0, a[0][0]), ValueError, "student must have 2 dimensions"),
+        (lambda a, k: k.update(student_temp=0.0), ValueError, "student_temp"),
+        (lambda a, k: k.update(teacher_temp=-1.0), ValueError, "teacher_temp"),
+        (lambda a, k: k.update(center_momentum=1.5), ValueError, "center_momentum"),
+        (lambda a, k: k.update(n_student_views=2.0), TypeError, "n_student_views must be an int"),
+        (lambda a, k: k.update(n_teacher_views=0), ValueError, "n_teacher_views must be >= 1"),
+        (lambda a, k: k.update(update_center=1), TypeError, "update_center"),
+    ],
+)
+def test_bad_input(change, error, match):
+    args, kwargs = list(good_args()), {"n_student_views": 4}
+    change(args, kwargs)
+    with pytest.raises(error, match=match):
+        dino_loss(*args, **kwargs)
+
+
+def test_single_views_have_no_pairs():
+    s, t, c = make_inputs(1, 1, 2, 64)
+    with pytest.raises(ValueError, match="no pair"):
+        dino_loss(s.float(), t.float(), c.float(), n_student_views=1, n_teacher_views=1)
+
+
+def test_auto_backend_on_cpu_uses_cpp_when_built():
+    if not smsd.backends()["cpp"].available:
+        pytest.skip("cpp extension not built")
+    student, teacher, center = good_args()
+    with smsd.use_backend("auto"):
+        loss = dino_loss(student.bfloat16(), teacher.bfloat16(), center, n_student_views=4)
+    assert loss.dtype == torch.float32  # the kernels' fp32 loss, not the reference's bf16
+
+
+BASELINE_CHECK = """
+import torch, smsd
+from smsd.ops import dino_loss, reference
+from smsd.testing import accuracy
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    s = torch.randn(8, 1000, generator=gen, dtype=torch.float64).to(dtype)
+    t = torch.randn(4, 1000, generator=gen, dtype=torch.float64).to(dtype)
+    c = torch.randn(1, 1000, generator=gen) * 0.1
+    def run(fn, s, t, c):
+        s = s.clone().requires_grad_(True); c = c.clone()
+        loss = fn(s, t, c, n_student_views=4); loss.backward()
+        return loss.detach(), s.grad, c
+    with smsd.use_backend("cpp"):
+        got = run(dino_loss, s, t, c)
+    exact = run(reference.dino_loss, s.double(), t.double(), c.double())
+    plain = run(reference.dino_loss, s, t, c)
+    for g, p, e in zip(got, plain, exact):
+        acc = accuracy(g, p, e)
+        assert acc.ok, (dtype, str(acc))
+print("ok")
+"""
+
+
+def test_cpp_baseline_isa_path():
+    """The C++ row bodies also run without AVX2 (SMSD_CPU_BASELINE=1 forces that path)."""
+    import os
+    import subprocess
+    import sys
+
+    if not smsd.backends()["cpp"].available:
+        pytest.skip("cpp extension not built")
+    env = {**os.environ, "SMSD_CPU_BASELINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", BASELINE_CHECK], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_repeated_backward_accumulates(backend):
+    """The stored gradient is handed out as is when grad_output is 1; accumulating into
+    ``.grad`` over several backward calls must not alter it."""
+    student, teacher, center = make_inputs(4, 2, 2, 300)
+    s = student.float().requires_grad_(True)
+    loss = dino_loss(s, teacher.float(), center.float(), n_student_views=4)
+    loss.backward(retain_graph=True)
+    once = s.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.allclose(s.grad, 3 * once, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", (65536, 60000))
+def test_matches_reference_on_gpu_at_full_k(dtype, K):
+    """The DINO head's output sizes on the GPU (Triton kernels, compiled), 10+2 views."""
+    student, teacher, center = make_inputs(10, 2, 4, K)
+    s, t = student.to("cuda", dtype), teacher.to("cuda", dtype)
+    c = center.float().cuda()
+    with smsd.use_backend("triton"):
+        got = run(dino_loss, s, t, c, n_student_views=10)
+    exact = run(reference.dino_loss, s.double(), t.double(), c.double(), n_student_views=10)
+    plain = run(reference.dino_loss, s, t, c, n_student_views=10)
+    for name, value, base, ref in zip(("loss", "grad", "center"), got, plain, exact, strict=True):
+        acc = accuracy(value, base, ref)
+        assert acc.ok, f"{name}: {acc}"

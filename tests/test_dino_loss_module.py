@@ -1,0 +1,105 @@
+"""smsd.nn.DINOLoss against a copy of facebookresearch/dino's DINOLoss (its oracle).
+
+``OfficialDINOLoss`` below keeps the official module's semantics line for line; the
+only change is that the all-reduce runs when torch.distributed is initialized (the
+official code assumes it always is).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from smsd.nn import DINOLoss
+from smsd.testing import accuracy
+
+
+class OfficialDINOLoss(nn.Module):
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
+                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
+                 center_momentum=0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp,
+                        teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp
+        ))
+
+    def forward(self, student_output, teacher_output, epoch):
+        student_out = student_output / self.student_temp
+        student_out = student_out.chunk(self.ncrops)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1)
+        teacher_out = teacher_out.detach().chunk(2)
+        total_loss = 0
+        n_loss_terms = 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(len(student_out)):
+                if v == iq:
+                    continue
+                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+                total_loss += loss.mean()
+                n_loss_terms += 1
+        total_loss /= n_loss_terms
+        self.update_center(teacher_output)
+        return total_loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            world = dist.get_world_size()
+        batch_center = batch_center / (len(teacher_output) * world)
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+ARGS = dict(out_dim=300, ncrops=6, warmup_teacher_temp=0.04, teacher_temp=0.07,
+            warmup_teacher_temp_epochs=3, nepochs=5)
+
+
+def test_schedule_and_buffer_match_official():
+    ours, official = DINOLoss(**ARGS), OfficialDINOLoss(**ARGS)
+    np.testing.assert_array_equal(ours.teacher_temp_schedule, official.teacher_temp_schedule)
+    assert list(ours.state_dict()) == ["center"] == list(official.state_dict())
+    assert ours.center.dtype == torch.float32 and ours.center.shape == (1, 300)
+
+
+def test_warmup_longer_than_training_is_an_error():
+    with pytest.raises(ValueError, match="warmup_teacher_temp_epochs"):
+        DINOLoss(**{**ARGS, "warmup_teacher_temp_epochs": 6})
+
+
+def test_drop_in_over_epochs(backend):
+    """Loss, student gradient and center over every epoch of the schedule (the center
+    carries over between calls), fp32 module vs the official module in fp64."""
+    ours, official = DINOLoss(**ARGS), OfficialDINOLoss(**ARGS).double()
+    plain = OfficialDINOLoss(**ARGS)  # the official module in fp32: the accuracy baseline
+    gen = torch.Generator().manual_seed(0)
+    B = 2
+    for epoch in range(ARGS["nepochs"]):
+        student = torch.randn(ARGS["ncrops"] * B, ARGS["out_dim"], generator=gen,
+                              dtype=torch.float64)
+        teacher = torch.randn(2 * B, ARGS["out_dim"], generator=gen, dtype=torch.float64)
+        s_ours = student.float().requires_grad_(True)
+        s_ref = student.clone().requires_grad_(True)
+        s_plain = student.float().requires_grad_(True)
+        loss = ours(s_ours, teacher.float(), epoch)
+        ref = official(s_ref, teacher, epoch)
+        base = plain(s_plain, teacher.float(), epoch)
+        for out in (loss, ref, base):
+            out.backward()
+        for name, got, b, r in (("loss", loss.detach(), base.detach(), ref.detach()),
+                                ("grad", s_ours.grad, s_plain.grad, s_ref.grad),
+                                ("center", ours.center, plain.center, official.center)):
+            acc = accuracy(got, b, r)
+            assert acc.ok, f"epoch {epoch} {name}: {acc}"
