@@ -11,4 +11,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_sample_backward", &smsd::masked_sample_backward, "masked_sample backward (CPU)",
         py::arg("grad_out"), py::arg("index"), py::arg("perm") = py::none(),
         py::arg("n_tokens"));
+  m.def("attention_forward", &smsd::attention_forward,
+        "attention forward (CPU): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("index") = py::none(), py::arg("cu_seqlens") = py::none(), py::arg("scale"));
+  m.def("attention_backward", &smsd::attention_backward,
+        "attention backward (CPU): (dq, dk, dv)", py::arg("grad_out"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("index") = py::none(),
+        py::arg("cu_seqlens") = py::none(), py::arg("scale"));
 }

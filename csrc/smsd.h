@@ -10,4 +10,14 @@ at::Tensor masked_sample_forward(const at::Tensor& x, const at::Tensor& index,
 at::Tensor masked_sample_backward(const at::Tensor& grad_out, const at::Tensor& index,
                                   const c10::optional<at::Tensor>& perm, int64_t n_tokens);
 
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v,
+                                                     const c10::optional<at::Tensor>& index,
+                                                     const c10::optional<at::Tensor>& cu_seqlens,
+                                                     double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& index,
+    const c10::optional<at::Tensor>& cu_seqlens, double scale);
+
 }  // namespace smsd
