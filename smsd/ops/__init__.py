@@ -4,7 +4,8 @@
 """
 
 from . import reference
+from .attention import attention
 from .masked_sample import masked_sample
 from .sample_views import sample_views, view_size
 
-__all__ = ["masked_sample", "reference", "sample_views", "view_size"]
+__all__ = ["attention", "masked_sample", "reference", "sample_views", "view_size"]

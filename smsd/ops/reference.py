@@ -7,6 +7,8 @@ gradients.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 __all__ = ["attention", "masked_sample"]
@@ -52,7 +54,7 @@ def attention(
         bounds = cu_seqlens.tolist()
         pieces = [
             attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), scale=scale)[0]
-            for a, b in zip(bounds[:-1], bounds[1:])
+            for a, b in itertools.pairwise(bounds)
         ]
         return torch.cat([p.transpose(0, 1) for p in pieces]) if pieces else q.new_empty(q.shape)
     if index is not None:
