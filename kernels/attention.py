@@ -15,8 +15,9 @@ the compiler pipelines them, ``num_stages``) and ``while`` loops in the interpre
 whose ``range`` cannot take a runtime bound with NumPy >= 2; the loop bodies are
 shared ``@triton.jit`` helpers, so both forms run the same code.
 
-Forward: online softmax in base 2, one pass over the keys, saves the natural
-log-sum-exp. Backward: a preprocess computes ``delta = rowsum(dO * O)``; one
+Forward: online softmax in base 2, one pass over the keys, saves the log-sum-exp
+in base 2 (of scale·log2(e)·qkᵀ): the backward recomputes P = exp2(s - lse) with no
+change of base. Backward: a preprocess computes ``delta = rowsum(dO * O)``; one
 kernel walks the queries for a block of keys (dK, dV), one walks the keys for a
 block of queries (dQ); no atomics, so gradients are deterministic.
 """
@@ -30,7 +31,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -102,8 +102,7 @@ def _dkdv_block(k, v, q_base, do_base, Lse, Delta, stat_base, Index, seq, sib, r
     lse = tl.load(Lse + stat_base + rows * sln, mask=m_ok, other=0.0)
     delta = tl.load(Delta + stat_base + rows * sln, mask=m_ok, other=0.0)
     # P^T = exp(scale * K Q^T - lse), in base 2
-    pt = tl.math.exp2(_mm(k, qt, DOT_PRECISION) * qk_scale
-                      - lse[None, :] * 1.4426950408889634)
+    pt = tl.math.exp2(_mm(k, qt, DOT_PRECISION) * qk_scale - lse[None, :])
     pt = tl.where(m_ok[None, :], pt, 0.0)
     dv += _mm(pt.to(do.dtype), do, DOT_PRECISION)
     dpt = _mm(v, tl.trans(do), DOT_PRECISION)
@@ -123,8 +122,7 @@ def _dq_block(q, do, lse, delta, k_base, v_base, Index, seq, sib, row0, start_n,
     dn_mask = d_ok[:, None] & n_ok[None, :]
     kt = tl.load(k_base + tok_n[None, :] * skn + offs_d[:, None], mask=dn_mask, other=0.0)
     vt = tl.load(v_base + tok_n[None, :] * svn + offs_d[:, None], mask=dn_mask, other=0.0)
-    p = tl.math.exp2(_mm(q, kt, DOT_PRECISION) * qk_scale
-                     - lse[:, None] * 1.4426950408889634)
+    p = tl.math.exp2(_mm(q, kt, DOT_PRECISION) * qk_scale - lse[:, None])
     p = tl.where(n_ok[None, :], p, 0.0)
     dp = _mm(do, vt, DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -180,7 +178,7 @@ def attention_fwd_kernel(
     tl.store(Out + seq64 * sob + head64 * soh + out_rows[:, None] * son + offs_d[None, :],
              acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + seq64 * slb + head64 * slh + out_rows * sln,
-             (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+             m_i + tl.math.log2(l_i), mask=m_ok)
 
 
 @triton.jit
@@ -213,7 +211,7 @@ def attention_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, Index, Cu,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     sob, soh, son, slb, slh, sln, sgb, sgh, sgn, sib,
-    H, M, D, scale,
+    H, M, D, scale, qk_scale,
     HAS_INDEX: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WHILE_LOOPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -237,7 +235,6 @@ def attention_bwd_dkdv_kernel(
     q_base = Q + seq64 * sqb + head64 * sqh
     do_base = DOut + seq64 * sob + head64 * soh
     stat_base = seq64 * slb + head64 * slh
-    qk_scale = scale * 1.4426950408889634
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -264,7 +261,7 @@ def attention_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, Index, Cu,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     sob, soh, son, slb, slh, sln, sgb, sgh, sgn, sib,
-    H, M, D, scale,
+    H, M, D, scale, qk_scale,
     HAS_INDEX: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WHILE_LOOPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -291,7 +288,6 @@ def attention_bwd_dq_kernel(
     delta = tl.load(Delta + stat_base + rows * sln, mask=m_ok, other=0.0)
     k_base = K + seq64 * skb + head64 * skh
     v_base = V + seq64 * svb + head64 * svh
-    qk_scale = scale * 1.4426950408889634
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     if WHILE_LOOPS:
@@ -426,14 +422,14 @@ def attention_backward(grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqle
     attention_bwd_dkdv_kernel[(triton.cdiv(M, block_n), S * H)](
         q, k, v, grad_out, lse, delta, dk, dv, index_arg, cu_arg,
         *in_strides, *out_strides, *stat_strides, *_input_strides(dk, packed), sib,
-        H, M, D, scale, **common,
+        H, M, D, scale, scale * LOG2E, **common,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
     )
     block_m, block_n, warps, stages = cfg["dq"]
     attention_bwd_dq_kernel[(triton.cdiv(M, block_m), S * H)](
         q, k, v, grad_out, lse, delta, dq, index_arg, cu_arg,
         *in_strides, *out_strides, *stat_strides, *_input_strides(dq, packed), sib,
-        H, M, D, scale, **common,
+        H, M, D, scale, scale * LOG2E, **common,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv

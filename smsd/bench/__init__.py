@@ -19,7 +19,7 @@ import torch
 __all__ = ["OPS", "Case", "cases_for", "usable_backends"]
 
 # op name -> module under smsd.bench holding its cases
-OPS = ("masked_sample",)
+OPS = ("masked_sample", "attention")
 
 
 @dataclass
