@@ -40,8 +40,10 @@ def _view(cu_ptr, seq, M, VARLEN: tl.constexpr):
         row0 = tl.load(cu_ptr + seq)
         length = tl.load(cu_ptr + seq + 1) - row0
     else:
-        row0 = 0
-        length = M
+        # tensors in both branches, so the helper returns one type (M may arrive as a
+        # constexpr when it is 1)
+        row0 = seq * 0
+        length = M + seq * 0
     return row0, length
 
 
