@@ -211,11 +211,11 @@ def test_validation_off_skips_value_checks(backend):
 
 
 def test_device_mismatch_is_reported():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device to mix devices")
     q, k, v = _good()
-    with pytest.raises(ValueError, match="k is on"):
-        attention(q, k.cuda(), v)
+    with pytest.raises(ValueError, match="k is on meta"):
+        attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="index is on meta"):
+        attention(q, k, v, index=torch.zeros(2, 3, dtype=torch.long, device="meta"))
 
 
 # ---------------------------------------------------------------- xformers backend

@@ -8,6 +8,7 @@ copies, and ``cu_seqlens`` runs views of every size of a step in one launch.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _kernels
 from ..backend import BackendStatus, BackendUnavailableError, register_backend, select_backend
@@ -134,6 +135,7 @@ class Attention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, index, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _backward(
