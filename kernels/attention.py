@@ -1,6 +1,7 @@
 """Triton kernels of attention: FlashAttention-2, non-causal, rows read through an index.
 
-Every program works on one (sequence, head) "view" and one block of its rows:
+Every program works on one (sequence, head) "view" (grid axis 0, which has room for
+the 10^5+ views of a packed step) and one block of its rows (axis 1):
 - dense ``[B, H, N, d]``: sequence ``b``; with ``index`` its row ``r`` is token
   ``index[b, r]``, loaded in the kernel (no permuted copy of q/k/v exists);
 - packed ``[T, H, d]`` (``cu_seqlens``): sequence ``s`` is tokens
@@ -141,9 +142,9 @@ def attention_fwd_kernel(
     HAS_INDEX: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WHILE_LOOPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    seq = tl.program_id(1) // H
-    head = tl.program_id(1) % H
+    start_m = tl.program_id(1)
+    seq = tl.program_id(0) // H
+    head = tl.program_id(0) % H
     row0, L = _view(Cu, seq, M, VARLEN)
     if start_m * BLOCK_M >= L:
         return
@@ -190,9 +191,9 @@ def attention_bwd_preprocess_kernel(
     H, M, D,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    seq = tl.program_id(1) // H
-    head = tl.program_id(1) % H
+    start_m = tl.program_id(1)
+    seq = tl.program_id(0) // H
+    head = tl.program_id(0) % H
     row0, L = _view(Cu, seq, M, VARLEN)
     if start_m * BLOCK_M >= L:
         return
@@ -217,9 +218,9 @@ def attention_bwd_dkdv_kernel(
     HAS_INDEX: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WHILE_LOOPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_n = tl.program_id(0)
-    seq = tl.program_id(1) // H
-    head = tl.program_id(1) % H
+    start_n = tl.program_id(1)
+    seq = tl.program_id(0) // H
+    head = tl.program_id(0) % H
     row0, L = _view(Cu, seq, M, VARLEN)
     if start_n * BLOCK_N >= L:
         return
@@ -267,9 +268,9 @@ def attention_bwd_dq_kernel(
     HAS_INDEX: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WHILE_LOOPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    seq = tl.program_id(1) // H
-    head = tl.program_id(1) % H
+    start_m = tl.program_id(1)
+    seq = tl.program_id(0) // H
+    head = tl.program_id(0) % H
     row0, L = _view(Cu, seq, M, VARLEN)
     if start_m * BLOCK_M >= L:
         return
@@ -377,7 +378,7 @@ def attention_forward(q, k, v, index, cu_seqlens, max_seqlen, scale):
     cfg = _blocks(D, q.dtype)
     block_m, block_n, warps, stages = cfg["fwd"]
     dummy = lse  # stands in for index / cu_seqlens when absent (never read)
-    attention_fwd_kernel[(triton.cdiv(M, block_m), S * H)](
+    attention_fwd_kernel[(S * H, triton.cdiv(M, block_m))](
         q, k, v, out, lse,
         index if index is not None else dummy, cu_seqlens if packed else dummy,
         *_input_strides(q, packed), *_input_strides(k, packed), *_input_strides(v, packed),
@@ -416,19 +417,19 @@ def attention_backward(grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqle
     sib = index.stride(0) if index is not None else 0
 
     pre_m = 64 if not _interpreted() else 32
-    attention_bwd_preprocess_kernel[(triton.cdiv(M, pre_m), S * H)](
+    attention_bwd_preprocess_kernel[(S * H, triton.cdiv(M, pre_m))](
         out, grad_out, delta, cu_arg, *out_strides, *stat_strides, H, M, D,
         VARLEN=packed, BLOCK_M=pre_m, BLOCK_D=block_d,
     )
     block_m, block_n, warps, stages = cfg["dkdv"]
-    attention_bwd_dkdv_kernel[(triton.cdiv(M, block_n), S * H)](
+    attention_bwd_dkdv_kernel[(S * H, triton.cdiv(M, block_n))](
         q, k, v, grad_out, lse, delta, dk, dv, index_arg, cu_arg,
         *in_strides, *out_strides, *stat_strides, *_input_strides(dk, packed), sib,
         H, M, D, scale, scale * LOG2E, **common,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
     )
     block_m, block_n, warps, stages = cfg["dq"]
-    attention_bwd_dq_kernel[(triton.cdiv(M, block_m), S * H)](
+    attention_bwd_dq_kernel[(S * H, triton.cdiv(M, block_m))](
         q, k, v, grad_out, lse, delta, dq, index_arg, cu_arg,
         *in_strides, *out_strides, *stat_strides, *_input_strides(dq, packed), sib,
         H, M, D, scale, scale * LOG2E, **common,
