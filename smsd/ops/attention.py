@@ -151,7 +151,10 @@ def _xformers_attention(q, k, v, index, cu_seqlens, scale):
     import xformers.ops as xops
 
     if cu_seqlens is not None:
-        lengths = cu_seqlens.diff().tolist()
+        # Empty sequences own no tokens: leaving them out of the mask changes nothing.
+        lengths = [n for n in cu_seqlens.diff().tolist() if n > 0]
+        if not lengths:
+            return torch.empty_like(q)
         mask = xops.fmha.attn_bias.BlockDiagonalMask.from_seqlens(lengths)
         return xops.memory_efficient_attention(
             q[None], k[None], v[None], attn_bias=mask, scale=scale
