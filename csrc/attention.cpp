@@ -18,6 +18,7 @@
 #include <ATen/CPUFunctions.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -184,6 +185,13 @@ struct Layout {
   }
 };
 
+// Work items differ in cost (packed sequences of mixed lengths, whose long ones come
+// first), so each worker pulls items from a shared counter instead of taking an equal
+// static range; a worker runs once per thread of at::parallel_for.
+int64_t worker_count(int64_t items) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+}
+
 template <typename scalar_t>
 void load_rows(const Layout& lay, const at::Tensor& t, int64_t s, int64_t h, int64_t r0,
                int64_t rows, float* dst) {
@@ -201,10 +209,12 @@ void forward_impl(const Layout& lay, const at::Tensor& q, const at::Tensor& k,
   const int64_t blocks = (lay.max_length() + kBlockM - 1) / kBlockM;
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   float* lse_ptr = lse.data_ptr<float>();
-  at::parallel_for(0, lay.S * H * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = lay.S * H * blocks;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, worker_count(items), 1, [&](int64_t, int64_t) {
     std::vector<float> qt(kBlockM * d), kt(kBlockN * d), vt(kBlockN * d), st(kBlockM * kBlockN),
         acc(kBlockM * d), m(kBlockM), l(kBlockM);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item; (item = next.fetch_add(1)) < items;) {
       const int64_t s = item / (H * blocks), h = (item / blocks) % H, blk = item % blocks;
       const int64_t L = lay.length(s), r0 = blk * kBlockM;
       if (r0 >= L) continue;
@@ -252,13 +262,16 @@ void backward_impl(const Layout& lay, const at::Tensor& grad_out, const at::Tens
   const scalar_t* go_ptr = grad_out.data_ptr<scalar_t>();
   const scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const float* lse_ptr = lse.data_ptr<float>();
-  at::parallel_for(0, lay.S * H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = lay.S * H;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, worker_count(items), 1, [&](int64_t, int64_t) {
     std::vector<float> qf(L_max * d), kf(L_max * d), vf(L_max * d), gof(L_max * d),
         dqf(L_max * d), dkf(L_max * d), dvf(L_max * d), delta(L_max), lse_f(L_max),
         pt(kBlockN * kBlockN), dpt(kBlockN * kBlockN);
-    for (int64_t item = begin; item < end; ++item) {
+    std::vector<char> covered(lay.index ? lay.total : 0);
+    for (int64_t item; (item = next.fetch_add(1)) < items;) {
       const int64_t s = item / H, h = item % H, L = lay.length(s);
-      if (L == 0) continue;
+      if (L == 0 && !lay.index) continue;
       load_rows<scalar_t>(lay, q, s, h, 0, L, qf.data());
       load_rows<scalar_t>(lay, k, s, h, 0, L, kf.data());
       load_rows<scalar_t>(lay, v, s, h, 0, L, vf.data());
@@ -301,11 +314,21 @@ void backward_impl(const Layout& lay, const at::Tensor& grad_out, const at::Tens
       }
       at::Tensor* const grads[] = {&dq, &dk, &dv};
       const float* const sources[] = {dqf.data(), dkf.data(), dvf.data()};
+      if (lay.index) {  // tokens outside the view: zero gradient
+        std::fill(covered.begin(), covered.end(), 0);
+        for (int64_t r = 0; r < L; ++r) covered[lay.token(s, r)] = 1;
+      }
       for (int g = 0; g < 3; ++g) {
         scalar_t* base = grads[g]->data_ptr<scalar_t>();
         for (int64_t r = 0; r < L; ++r) {
           scalar_t* dst = base + lay.in_offset(*grads[g], s, h, lay.token(s, r));
           for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(sources[g][r * d + c]);
+        }
+        if (!lay.index) continue;
+        for (int64_t t = 0; t < lay.total; ++t) {
+          if (covered[t]) continue;
+          scalar_t* dst = base + lay.in_offset(*grads[g], s, h, t);
+          std::fill(dst, dst + d, scalar_t(0));
         }
       }
     }
@@ -390,12 +413,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const at::Tensor grad_out = grad_out_in.contiguous();
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.is_contiguous() && lse.is_contiguous(),
               "attention: grad_out must match the forward output");
-  // Tokens outside the view get no write and must read as zero gradient. (A permutation
-  // writes every row, but with validation off a malformed index might not: stay safe.)
+  // Every row is written: by its view row, or with zeros when no view row reads the token.
   const auto options = q.options().memory_format(at::MemoryFormat::Contiguous);
-  auto alloc = [&] { return lay.index ? at::zeros(q.sizes(), options) : at::empty(q.sizes(), options); };
-  at::Tensor dq = alloc(), dk = alloc(), dv = alloc();
-  if (grad_out.numel() == 0) return {dq, dk, dv};
+  at::Tensor dq = at::empty(q.sizes(), options), dk = at::empty(q.sizes(), options),
+             dv = at::empty(q.sizes(), options);
+  if (grad_out.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward", [&] {
         backward_impl<scalar_t>(lay, grad_out, q, k, v, out, lse, static_cast<float>(scale), dq,

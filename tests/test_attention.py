@@ -133,9 +133,11 @@ def test_non_contiguous_inputs(backend):
 
 
 def test_empty_view(backend):
-    q, k, v = (t.float() for t in _qkv(2, 2, 10, 32))
+    q, k, v = (t.float().requires_grad_(True) for t in _qkv(2, 2, 10, 32))
     out = attention(q, k, v, index=torch.zeros(2, 0, dtype=torch.long))
     assert out.shape == (2, 2, 0, 32)
+    out.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
 
 
 # ---------------------------------------------------------------- bad input
