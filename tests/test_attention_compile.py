@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
     for varlen in (False, True):
         for fn, key in ((K.attention_fwd_kernel, "fwd"), (K.attention_bwd_dkdv_kernel, "dkdv"),
                         (K.attention_bwd_dq_kernel, "dq")):
-            block_m, block_n, warps, stages = K._blocks(64, None)[key]
+            block_m, block_n, warps, stages = K._blocks(64, None, short_views=varlen)[key]
             consts = dict(HAS_INDEX=not varlen, VARLEN=varlen, DOT_PRECISION=None,
                           WHILE_LOOPS=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=64)
             src = triton.compiler.ASTSource(
