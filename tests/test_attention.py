@@ -193,7 +193,7 @@ def test_bad_packed_input(cu, error, match):
         attention(q, k, v, cu_seqlens=cu)
 
 
-def test_packed_rejects_index_and_short_max_seqlen():
+def test_packed_rejects_index_and_short_max_seqlen(backend):
     q, k, v = (t.float() for t in _qkv(12, 2, 32))
     cu = _cu([5, 7])
     with pytest.raises(ValueError, match="not both"):

@@ -105,6 +105,17 @@ def _check_cu_values(cu_seqlens: torch.Tensor, total: int) -> None:
         )
 
 
+def _max_seqlen(cu_seqlens: torch.Tensor, given: int | None) -> int:
+    """The longest packed sequence: computed (a sync) unless given; a given value is
+    checked while validation is on, since kernels size their grid by it."""
+    if given is not None and not validation_enabled():
+        return int(given)
+    longest = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+    if given is not None and given < longest:
+        raise ValueError(f"max_seqlen={given} is shorter than the longest sequence ({longest})")
+    return longest if given is None else int(given)
+
+
 # ---------------------------------------------------------------- kernels
 def _forward(backend, q, k, v, index, cu_seqlens, max_seqlen, scale):
     if backend == "cpp":
@@ -205,6 +216,8 @@ def attention(
         _validate_index(index, q)
     if packed:
         _validate_cu_seqlens(cu_seqlens, q)
+        cu_seqlens = cu_seqlens.contiguous()
+        max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif not isinstance(scale, (int, float)) or not scale > 0:
@@ -220,16 +233,6 @@ def attention(
                 f"attention: backend 'xformers' needs CUDA tensors, got tensors on {q.device}"
             )
         return _xformers_attention(q, k, v, index, cu_seqlens, scale)
-    if packed:
-        cu_seqlens = cu_seqlens.contiguous()
-        longest = None
-        if max_seqlen is None or validation_enabled():
-            longest = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
-        if max_seqlen is not None and longest is not None and max_seqlen < longest:
-            raise ValueError(
-                f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})"
-            )
-        max_seqlen = longest if max_seqlen is None else int(max_seqlen)
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
     if index is not None:
         index = index.long().contiguous()
