@@ -89,6 +89,27 @@ SMSD_VEC_CLONES void softmax_grad_row(float* s, float* dp, int64_t n, float lse,
   }
 }
 
+// The same when the row holds every key of the view: delta = sum_j p[j] dp[j] from the
+// tile itself (the softmax backward as autograd computes it). Unlike rowsum(dO * O) it
+// does not see O's rounding to the input dtype, and a 1-token view gets ds = 0 exactly.
+SMSD_VEC_CLONES void softmax_grad_full_row(float* s, float* dp, int64_t n, float lse) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      s[j + l] = exp_poly(s[j + l] - lse);
+      lanes[l] += s[j + l] * dp[j + l];
+    }
+  }
+  float delta = 0.0f;
+  for (; j < n; ++j) {
+    s[j] = exp_poly(s[j] - lse);
+    delta += s[j] * dp[j];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) delta += lanes[l];
+  for (j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - delta);
+}
+
 SMSD_VEC_CLONES float row_max(const float* x, int64_t n) {
   float lanes[kLanes];
   std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
@@ -300,8 +321,13 @@ void backward_impl(const Layout& lay, const at::Tensor& grad_out, const at::Tens
           gemm(false, true, bm, bn, d, scale, qi, d, kj, d, 0.0f, pt.data(), kBlockN);
           gemm(false, true, bm, bn, d, 1.0f, goi, d, vj, d, 0.0f, dpt.data(), kBlockN);
           for (int64_t i = 0; i < bm; ++i) {
-            softmax_grad_row(pt.data() + i * kBlockN, dpt.data() + i * kBlockN, bn,
-                             lse_f[r0 + i], delta[r0 + i]);
+            if (bn == L) {
+              softmax_grad_full_row(pt.data() + i * kBlockN, dpt.data() + i * kBlockN, bn,
+                                    lse_f[r0 + i]);
+            } else {
+              softmax_grad_row(pt.data() + i * kBlockN, dpt.data() + i * kBlockN, bn,
+                               lse_f[r0 + i], delta[r0 + i]);
+            }
           }
           // pt now holds P and dpt holds dS.
           gemm(true, false, bn, d, bm, 1.0f, pt.data(), kBlockN, goi, d, 1.0f,
