@@ -89,10 +89,15 @@ def _fwd_block(q, k_base, v_base, Index, seq, sib, row0, start_n, L, skn, svn, o
     return m_new, l_i, acc
 
 
+# _tile_delta: the softmax-backward correction delta_i = sum_j P_ij dP_ij. The
+# preprocess computes it as rowsum(dO * O), which needs no pass over the keys but sees O
+# rounded to the input dtype; when one block holds every key of the view the block
+# helpers take it from the tile instead, which is exact for 1-token views (ds = 0).
 @triton.jit
-def _dkdv_block(k, v, q_base, do_base, Lse, Delta, stat_base, Index, seq, sib, row0, start_m,
-                L, sqn, son, sln, offs_d, d_ok, qk_scale, dk, dv,
-                HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_block(k, v, n_ok, q_base, do_base, Lse, Delta, stat_base, Index, seq, sib, row0,
+                start_m, L, sqn, son, sln, offs_d, d_ok, qk_scale, dk, dv,
+                HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """dK/dV contributions of queries start_m:start_m+BLOCK_M to one key block."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
@@ -106,9 +111,11 @@ def _dkdv_block(k, v, q_base, do_base, Lse, Delta, stat_base, Index, seq, sib, r
     delta = tl.load(Delta + stat_base + rows * sln, mask=m_ok, other=0.0)
     # P^T = exp(scale * K Q^T - lse), in base 2
     pt = tl.math.exp2(_mm(k, qt, DOT_PRECISION) * qk_scale - lse[None, :])
-    pt = tl.where(m_ok[None, :], pt, 0.0)
+    pt = tl.where(n_ok[:, None] & m_ok[None, :], pt, 0.0)
     dv += _mm(pt.to(do.dtype), do, DOT_PRECISION)
     dpt = _mm(v, tl.trans(do), DOT_PRECISION)
+    if L <= BLOCK_N:  # this block holds every key: delta from the tile (see _tile_delta)
+        delta = tl.sum(pt * dpt, 0)
     dst = pt * (dpt - delta[None, :])
     dk += _mm(dst.to(qt.dtype), tl.trans(qt), DOT_PRECISION)
     return dk, dv
@@ -128,6 +135,8 @@ def _dq_block(q, do, lse, delta, k_base, v_base, Index, seq, sib, row0, start_n,
     p = tl.math.exp2(_mm(q, kt, DOT_PRECISION) * qk_scale - lse[:, None])
     p = tl.where(n_ok[None, :], p, 0.0)
     dp = _mm(do, vt, DOT_PRECISION)
+    if L <= BLOCK_N:  # this block holds every key: delta from the tile (see _tile_delta)
+        delta = tl.sum(p * dp, 1)
     ds = p * (dp - delta[:, None])
     dq += _mm(ds.to(kt.dtype), tl.trans(kt), DOT_PRECISION)
     return dq
@@ -244,15 +253,15 @@ def attention_bwd_dkdv_kernel(
     if WHILE_LOOPS:
         start_m = 0
         while start_m < L:
-            dk, dv = _dkdv_block(k, v, q_base, do_base, Lse, Delta, stat_base, Index, seq, sib,
-                                 row0, start_m, L, sqn, son, sln, offs_d, d_ok, qk_scale, dk, dv,
-                                 HAS_INDEX, DOT_PRECISION, BLOCK_M)
+            dk, dv = _dkdv_block(k, v, n_ok, q_base, do_base, Lse, Delta, stat_base, Index,
+                                 seq, sib, row0, start_m, L, sqn, son, sln, offs_d, d_ok,
+                                 qk_scale, dk, dv, HAS_INDEX, DOT_PRECISION, BLOCK_M, BLOCK_N)
             start_m += BLOCK_M
     else:
         for start_m in range(0, L, BLOCK_M):
-            dk, dv = _dkdv_block(k, v, q_base, do_base, Lse, Delta, stat_base, Index, seq, sib,
-                                 row0, start_m, L, sqn, son, sln, offs_d, d_ok, qk_scale, dk, dv,
-                                 HAS_INDEX, DOT_PRECISION, BLOCK_M)
+            dk, dv = _dkdv_block(k, v, n_ok, q_base, do_base, Lse, Delta, stat_base, Index,
+                                 seq, sib, row0, start_m, L, sqn, son, sln, offs_d, d_ok,
+                                 qk_scale, dk, dv, HAS_INDEX, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     g_offs = seq64 * sgb + head64 * sgh + tok_n[:, None] * sgn + offs_d[None, :]
     tl.store(DK + g_offs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
