@@ -20,4 +20,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("teacher_inv_sum"), py::arg("grad"), py::arg("row_offset"), py::arg("batch"),
         py::arg("n_teacher_views"), py::arg("student_temp"), py::arg("teacher_temp"),
         py::arg("grad_scale"));
+  m.def("attention_forward", &smsd::attention_forward,
+        "attention forward (CPU): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("index") = py::none(), py::arg("cu_seqlens") = py::none(), py::arg("scale"));
+  m.def("attention_backward", &smsd::attention_backward,
+        "attention backward (CPU): (dq, dk, dv)", py::arg("grad_out"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("index") = py::none(),
+        py::arg("cu_seqlens") = py::none(), py::arg("scale"));
 }

@@ -18,5 +18,14 @@ at::Tensor dino_loss_student(const at::Tensor& student, const at::Tensor& teache
                              const c10::optional<at::Tensor>& grad, int64_t row_offset,
                              int64_t batch, int64_t n_teacher_views, double student_temp,
                              double teacher_temp, double grad_scale);
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v,
+                                                     const c10::optional<at::Tensor>& index,
+                                                     const c10::optional<at::Tensor>& cu_seqlens,
+                                                     double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& index,
+    const c10::optional<at::Tensor>& cu_seqlens, double scale);
 
 }  // namespace smsd

@@ -19,7 +19,7 @@ import torch
 __all__ = ["OPS", "Case", "cases_for", "usable_backends"]
 
 # op name -> module under smsd.bench holding its cases
-OPS = ("masked_sample", "dino_loss", "fused_linear_dino_loss")
+OPS = ("masked_sample", "dino_loss", "fused_linear_dino_loss", "attention")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Drop-in ``torch.nn`` modules built on :mod:`smsd.ops`."""
 
+from .attention import Attention
 from .dino_loss import DINOLoss
 
-__all__ = ["DINOLoss"]
+__all__ = ["Attention", "DINOLoss"]

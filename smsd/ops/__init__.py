@@ -4,10 +4,18 @@
 """
 
 from . import reference
+from .attention import attention
 from .dino_loss import dino_loss
 from .fused_linear_dino_loss import fused_linear_dino_loss
 from .masked_sample import masked_sample
 from .sample_views import sample_views, view_size
 
-__all__ = ["masked_sample", "reference", "sample_views", "view_size"]
-__all__ += ["dino_loss", "fused_linear_dino_loss"]
+__all__ = [
+    "attention",
+    "dino_loss",
+    "fused_linear_dino_loss",
+    "masked_sample",
+    "reference",
+    "sample_views",
+    "view_size",
+]

@@ -7,12 +7,13 @@ gradients.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["masked_sample"]
-__all__ += ["dino_loss", "fused_linear_dino_loss"]
+__all__ = ["attention", "dino_loss", "fused_linear_dino_loss", "masked_sample"]
 
 
 def masked_sample(
@@ -86,3 +87,34 @@ def fused_linear_dino_loss(
 ) -> torch.Tensor:
     """:func:`dino_loss` of the head's logits ``feats @ weight.T`` (``weight`` is ``[K, D]``)."""
     return dino_loss(student_feats @ weight.T, teacher_feats @ weight.T, center, **options)
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    index: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Non-causal multi-head attention, optionally on a token subset or on packed sequences.
+
+    Dense: ``q, k, v`` are ``[B, H, N, d]`` and the result is ``[B, H, N, d]``.
+    With ``index`` (``[B, M]``): attention among the tokens ``index[b, :]`` of each
+    sequence, in that order, giving ``[B, H, M, d]``; gradients land in the full
+    ``[B, H, N, d]`` inputs (zero for tokens never selected). Entries of a row of
+    ``index`` must be distinct: a token is either in the view or not.
+    With ``cu_seqlens`` (int32 ``[S + 1]``): ``q, k, v`` are packed ``[T, H, d]`` and
+    sequence ``s`` is rows ``cu_seqlens[s]:cu_seqlens[s + 1]``, attending only within itself.
+    ``scale`` defaults to ``d ** -0.5``.
+    """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        pieces = [
+            attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), scale=scale)[0]
+            for a, b in itertools.pairwise(bounds)
+        ]
+        return torch.cat([p.transpose(0, 1) for p in pieces]) if pieces else q.new_empty(q.shape)
+    if index is not None:
+        rows = index.long()[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
+        q, k, v = (torch.gather(t, 2, rows) for t in (q, k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -16,7 +16,7 @@ from ..backend import BackendUnavailableError, backends, triton_interpret_mode
 
 __all__ = ["OPS", "Result", "run_checks"]
 
-OPS = ("masked_sample", "sample_views", "crypto", "dino_loss")
+OPS = ("masked_sample", "sample_views", "crypto", "dino_loss", "attention")
 
 
 @dataclass
