@@ -57,13 +57,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .selfcheck import run_checks
 
     print(backends(), end="\n\n")
-    print(f"{'op':<16}{'backend':<9}{'device':<8}{'dtype':<10}{'case':<30}{'result':<8}detail")
+    print(f"{'op':<24}{'backend':<9}{'device':<8}{'dtype':<10}{'case':<30}{'result':<8}detail")
 
     def show(r) -> None:
         mark = "pass" if r.passed else "FAIL"
         if r.detail.startswith("skipped"):
             mark = "skip"
-        print(f"{r.op:<16}{r.backend:<9}{r.device:<8}{r.dtype:<10}{r.case:<30}{mark:<8}{r.detail}",
+        print(f"{r.op:<24}{r.backend:<9}{r.device:<8}{r.dtype:<10}{r.case:<30}{mark:<8}{r.detail}",
               flush=True)
 
     results = run_checks(_devices(args.device), tuple(args.ops), on_result=show)

@@ -153,14 +153,14 @@ def run(
 
 
 HEADER = (
-    f"{'op':<16}{'mode':<9}{'shape':<28}{'dtype':<9}{'backend':<22}"
+    f"{'op':<24}{'mode':<9}{'shape':<28}{'dtype':<9}{'backend':<22}"
     f"{'median ms':>10}{'peak MiB':>10}{'speedup':>9}{'GB/s':>9}{'%copy':>7}{'TFLOP/s':>9}"
 )
 
 
 def format_row(row: dict) -> str:
     if "error" in row:
-        return (f"{row['op']:<16}{row['mode']:<9}{row['shape']:<28}{row['dtype']:<9}"
+        return (f"{row['op']:<24}{row['mode']:<9}{row['shape']:<28}{row['dtype']:<9}"
                 f"{row['backend']:<22}  {row['error']}")
 
     def num(key: str, fmt: str) -> str:
@@ -168,7 +168,7 @@ def format_row(row: dict) -> str:
         return format(value, fmt) if value is not None else "-"
 
     return (
-        f"{row['op']:<16}{row['mode']:<9}{row['shape']:<28}{row['dtype']:<9}{row['backend']:<22}"
+        f"{row['op']:<24}{row['mode']:<9}{row['shape']:<28}{row['dtype']:<9}{row['backend']:<22}"
         f"{num('median_ms', '.3f'):>10}{num('peak_mib', '.1f'):>10}"
         f"{num('speedup_vs_reference', '.2f'):>9}{num('GBps', '.1f'):>9}"
         f"{num('pct_copy_ceiling', '.0f'):>7}{num('TFLOPs', '.2f'):>9}"
