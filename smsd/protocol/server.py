@@ -228,7 +228,7 @@ class Server:
                     m = float(momenta[it])
                     for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
                         pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
             record = {"epoch": epoch, "loss": sum(losses) / len(losses), "lr": float(lrs[it]),

@@ -279,3 +279,15 @@ def _plot(results: list[MethodResult], path: Path) -> None:
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+
+
+def quick_config(cfg: SimulateConfig) -> SimulateConfig:
+    """A seconds-long version of ``cfg`` (smoke tests, CI): tiny model, few epochs."""
+    from dataclasses import replace
+
+    return replace(
+        cfg, rounds=2, local_epochs=1,
+        model=cfg.model.replace(embed_dim=16, depth=1, num_heads=2),
+        pretrain=replace(cfg.pretrain, epochs=1, batch_size=128, out_dim=64, hidden_dim=32,
+                         bottleneck_dim=16, warmup_epochs=0, local_keep=(0.2,) * 2),
+        finetune=replace(cfg.finetune, epochs=2))

@@ -87,7 +87,7 @@ def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
             it += 1
         history.append(total / n)
     model.body.requires_grad_(True)
