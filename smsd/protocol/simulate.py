@@ -56,13 +56,13 @@ class SimulateConfig:
     labeled_fraction: float = 0.2
     test_fraction: float = 0.2
     rounds: int = 20
-    local_epochs: int = 2
+    local_epochs: int = 5
     seed: int = 0
     model: ViTConfig = field(default_factory=default_model_config)
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
         epochs=60, batch_size=64, lr=1e-3, warmup_epochs=5, out_dim=1024, hidden_dim=256,
         bottleneck_dim=64, checkpoint_every=1000))
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=40))
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=100))
 
 
 @dataclass
