@@ -162,7 +162,7 @@ def test_load_pretrained_errors(tmp_path):
     with pytest.raises(CheckpointError, match=str(bad)):
         load_pretrained(bad)
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="patch_embed.proj.weight"):
+    with pytest.raises(CheckpointError, match=r"patch_embed\.proj\.weight"):
         load_pretrained(tmp_path / "other.pth")
 
 

@@ -3,6 +3,7 @@ body files, fine-tuning, simulate."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -147,7 +148,7 @@ def test_resume_continues_exactly(tmp_path, shard):
     other = PretrainConfig(**{**TRAIN.__dict__, "lr": 1e-2})
     with pytest.raises(PretrainError, match="another training config"):
         Server(MODEL, other).pretrain([path], work_dir=tmp_path, resume=True, progress=False)
-    with pytest.raises(PretrainError, match="no checkpoint.pt"):
+    with pytest.raises(PretrainError, match=r"no checkpoint\.pt"):
         Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path / "new", resume=True)
 
 
@@ -195,4 +196,4 @@ def test_finetune_learns_separable_classes():
 def test_cosine_schedule():
     values = cosine_schedule(1.0, 0.0, epochs=4, steps_per_epoch=5, warmup_epochs=1)
     assert len(values) == 20 and values[0] == 0.0 and values[5] == pytest.approx(1.0)
-    assert values[-1] < 0.05 and all(a >= b for a, b in zip(values[5:], values[6:]))
+    assert values[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(values[5:]))
