@@ -90,6 +90,16 @@ class PretrainConfig:
         return tuple(self.global_keep) + tuple(self.local_keep)
 
 
+def _teacher_temp(cfg: PretrainConfig, epoch: int) -> float:
+    """DINO's teacher temperature at ``epoch``: linear warm-up, then constant (for the log;
+    the loss module keeps its own schedule)."""
+    warm = cfg.warmup_teacher_temp_epochs
+    if epoch >= warm:
+        return cfg.teacher_temp
+    step = (cfg.teacher_temp - cfg.warmup_teacher_temp) / max(warm - 1, 1)
+    return cfg.warmup_teacher_temp + step * epoch
+
+
 class PretrainError(SmsdError, ValueError):
     """Pre-training cannot start or resume (bad shards, checkpoint mismatch)."""
 
@@ -178,8 +188,9 @@ class Server:
         ).to(device)
         teacher = copy.deepcopy(student).requires_grad_(False)
         loss_fn = DINOLoss(cfg.out_dim, len(cfg.keep), cfg.warmup_teacher_temp, cfg.teacher_temp,
-                           cfg.warmup_teacher_temp_epochs, cfg.epochs, cfg.student_temp,
-                           cfg.center_momentum).to(device)
+                           cfg.warmup_teacher_temp_epochs, cfg.epochs,
+                           student_temp=cfg.student_temp,
+                           center_momentum=cfg.center_momentum).to(device)
         optimizer = torch.optim.AdamW(_param_groups(student, 0.0))
         lrs = cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, steps,
                               cfg.warmup_epochs)
@@ -233,8 +244,7 @@ class Server:
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
             record = {"epoch": epoch, "loss": sum(losses) / len(losses), "lr": float(lrs[it]),
                       "weight_decay": float(wds[it]), "momentum": float(momenta[it]),
-                      "teacher_temp": float(loss_fn.teacher_temp_schedule[
-                          min(epoch, len(loss_fn.teacher_temp_schedule) - 1)]),
+                      "teacher_temp": _teacher_temp(cfg, epoch),
                       "seconds": time.perf_counter() - started}
             self.history.append(record)
             if work is not None:
@@ -253,7 +263,7 @@ class Server:
     def _save_checkpoint(self, path: Path, epoch: int, student, teacher, loss_fn, optimizer,
                          gen) -> None:
         state = {"epoch": epoch, "student": student.state_dict(),
-                 "teacher": teacher.state_dict(), "center": loss_fn.center,
+                 "teacher": teacher.state_dict(), "loss": loss_fn.state_dict(),
                  "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
                  "model_config": self.config.to_json(),
                  "train_config": json.dumps(asdict(self.train_config), sort_keys=True)}
@@ -271,7 +281,7 @@ class Server:
             raise PretrainError(f"checkpoint {path} is for another training config")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
-        loss_fn.center.copy_(state["center"])
+        loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         return int(state["epoch"])
