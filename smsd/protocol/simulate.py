@@ -56,7 +56,7 @@ class SimulateConfig:
     labeled_fraction: float = 0.2
     test_fraction: float = 0.2
     rounds: int = 20
-    local_epochs: int = 5
+    local_epochs: int = 10
     seed: int = 0
     model: ViTConfig = field(default_factory=default_model_config)
     # DINO's recipe (lr 5e-4 per 256 images, teacher momentum 0.996, temperature 0.04) with
