@@ -122,11 +122,47 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- protocol
+def _add_encode(sub: argparse._SubParsersAction) -> None:
+    from .protocol.cli import add_encode
+
+    add_encode(sub)
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    from .protocol.cli import add_pretrain
+
+    add_pretrain(sub)
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from .protocol.cli import add_finetune
+
+    add_finetune(sub)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from .protocol.cli import add_evaluate
+
+    add_evaluate(sub)
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from .protocol.cli import add_simulate
+
+    add_simulate(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_backends,
     _add_check,
     _add_bench,
     _add_keygen,
+    _add_encode,
+    _add_pretrain,
+    _add_finetune,
+    _add_evaluate,
+    _add_simulate,
 ]
 
 

@@ -1,0 +1,104 @@
+"""The public model configuration: every client and the server build the same model from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ViTConfig", "vit_base", "vit_small", "vit_tiny"]
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a :class:`~smsd.models.SplitViT`.
+
+    ``head_seed`` is part of the public configuration: the patch-embedding weights of a
+    model built without a checkpoint come from it, so every client gets the same head.
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    num_classes: int = 0
+    head_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            _positive_int(name, getattr(self, name))
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
+                or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
+            )
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.img_size // self.patch_size
+
+    @property
+    def n_tokens(self) -> int:
+        """Patch tokens per image (N), without the CLS token."""
+        return self.grid**2
+
+    def replace(self, **changes: Any) -> ViTConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ViTConfig:
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model config is not valid JSON: {exc}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(fields, dict) or set(fields) - known:
+            raise ValueError(f"model config has unknown fields: {sorted(set(fields) - known)}")
+        return cls(**fields)
+
+
+def _make(defaults: dict[str, Any], overrides: dict[str, Any]) -> ViTConfig:
+    return ViTConfig(**{**defaults, **overrides})
+
+
+def vit_tiny(*, patch_size: int = 16, img_size: int = 224, in_chans: int = 3, **overrides: Any):
+    """ViT-Ti (dim 192, depth 12, 3 heads); ``overrides`` change any other field."""
+    base = dict(embed_dim=192, depth=12, num_heads=3)
+    sizes = dict(patch_size=patch_size, img_size=img_size, in_chans=in_chans)
+    return _make(base | sizes, overrides)
+
+
+def vit_small(*, patch_size: int = 16, img_size: int = 224, in_chans: int = 3, **overrides: Any):
+    """ViT-S (dim 384, depth 12, 6 heads); ``overrides`` change any other field."""
+    base = dict(embed_dim=384, depth=12, num_heads=6)
+    sizes = dict(patch_size=patch_size, img_size=img_size, in_chans=in_chans)
+    return _make(base | sizes, overrides)
+
+
+def vit_base(*, patch_size: int = 16, img_size: int = 224, in_chans: int = 3, **overrides: Any):
+    """ViT-B (dim 768, depth 12, 12 heads); ``overrides`` change any other field."""
+    base = dict(embed_dim=768, depth=12, num_heads=12)
+    sizes = dict(patch_size=patch_size, img_size=img_size, in_chans=in_chans)
+    return _make(base | sizes, overrides)

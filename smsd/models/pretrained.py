@@ -1,0 +1,121 @@
+"""Load timm / DINO ViT checkpoints into a :class:`SplitViT`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import SmsdError
+from .config import ViTConfig
+from .vit import SplitViT
+
+__all__ = ["CheckpointError", "load_pretrained"]
+
+
+class CheckpointError(SmsdError, ValueError):
+    """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any parser error means the same thing to the user
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+    # DINO checkpoints nest the weights ({"teacher": {...}}, {"model": ...}).
+    for key in ("teacher", "model", "state_dict", "student"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    out = {}
+    for name, tensor in state.items():
+        for prefix in ("module.", "backbone."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        out[name] = tensor
+    return out
+
+
+def _infer_config(state: dict[str, torch.Tensor], path: Path, **overrides) -> ViTConfig:
+    try:
+        proj = state["patch_embed.proj.weight"]
+        pos = state["pos_embed"]
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint {path} has no {exc.args[0]} (not a ViT?)") from None
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    # timm's pos_embed has a CLS position first unless the patch count is a square.
+    with_cls = pos.shape[1] - 1
+    n_patches = with_cls if with_cls > 0 and round(with_cls**0.5) ** 2 == with_cls \
+        else pos.shape[1]
+    grid = round(n_patches**0.5)
+    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    fields = dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim,
+                  depth=depth, num_heads=max(1, dim // 64), mlp_ratio=mlp_ratio,
+                  qkv_bias="blocks.0.attn.qkv.bias" in state)
+    if "head.weight" in state:
+        fields["num_classes"] = state["head.weight"].shape[0]
+    fields.update(overrides)
+    return ViTConfig(**fields)
+
+
+def load_pretrained(
+    path: str | os.PathLike, config: ViTConfig | None = None, **overrides
+) -> SplitViT:
+    """Build a :class:`SplitViT` from a timm/DINO ViT state dict.
+
+    Reads ``.safetensors`` or a ``torch.save`` file (with ``weights_only=True``). Without
+    ``config`` the architecture is inferred from the weights; ``num_heads`` cannot be
+    and defaults to ``embed_dim // 64`` (timm's ViT-S/B); pass it in ``overrides``
+    otherwise. The CLS position embedding is folded into the body's CLS token.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    config = config or _infer_config(state, path, **overrides)
+    model = SplitViT(config)
+    n = config.n_tokens
+    try:
+        pos = state["pos_embed"]
+        cls = state["cls_token"]
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint {path} has no {exc.args[0]}") from None
+    mapped: dict[str, torch.Tensor] = {}
+    if pos.shape[1] == n + 1:
+        mapped["head.pos_embed"] = pos[:, 1:]
+        mapped["body.cls_token"] = cls + pos[:, :1]
+    elif pos.shape[1] == n:
+        mapped["head.pos_embed"] = pos
+        mapped["body.cls_token"] = cls
+    else:
+        raise CheckpointError(
+            f"checkpoint {path}: pos_embed has {pos.shape[1]} positions, the model has {n} patches"
+        )
+    for name, tensor in state.items():
+        if name.startswith("patch_embed."):
+            mapped["head." + name] = tensor
+        elif name.startswith(("blocks.", "norm.")):
+            mapped["body." + name] = tensor
+        elif name.startswith("head.") and model.tail is not None:
+            mapped["tail." + name] = tensor
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks weights for: {', '.join(missing[:5])}")
+    for name, tensor in mapped.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has shape {list(tensor.shape)}, "
+                f"the model expects {list(expected[name].shape)}"
+            )
+    model.load_state_dict(mapped)
+    return model

@@ -1,0 +1,227 @@
+"""The protocol's commands: ``encode``, ``pretrain``, ``finetune``, ``evaluate``, ``simulate``.
+
+``smsd/cli.py`` only registers them; parsers and logic live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import SmsdError
+
+__all__ = ["add_encode", "add_evaluate", "add_finetune", "add_pretrain", "add_simulate"]
+
+_PRESETS = ("demo", "vit_tiny", "vit_small", "vit_base")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (public config: every client and the server use the same)")
+    g.add_argument("--model", choices=_PRESETS, default="demo",
+                   help="demo: 4 blocks, dim 64, for 32×32 images with 4×4 patches")
+    g.add_argument("--img-size", type=int, default=None)
+    g.add_argument("--patch-size", type=int, default=None)
+    g.add_argument("--in-chans", type=int, default=None)
+    g.add_argument("--head-seed", type=int, default=0, help="seed of the shared head init")
+
+
+def _model_config(args: argparse.Namespace):
+    from .. import models
+    from .simulate import default_model_config
+
+    sizes = {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size),
+                               ("in_chans", args.in_chans)) if v is not None}
+    if args.model == "demo":
+        config = default_model_config().replace(**sizes)
+    else:
+        config = getattr(models, args.model)(**sizes)
+    return config.replace(head_seed=args.head_seed)
+
+
+# ------------------------------------------------------------------ encode
+def add_encode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="client: embed an image folder and write a permuted "
+                       "token shard (the only upload)")
+    p.add_argument("--data", required=True, help="image folder (ROOT/<class>/<image>)")
+    p.add_argument("--key", required=True, help="this client's key file (smsd keygen)")
+    p.add_argument("--out", required=True, help="shard file to write (.safetensors)")
+    _model_args(p)
+    p.set_defaults(func=_cmd_encode)
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from ..crypto import PermutationKey
+    from ..data import load_image_folder
+    from .client import Client
+
+    key = PermutationKey.load(args.key)  # before reading data: fail fast on a bad key
+    config = _model_config(args)
+    images, _, _, files = load_image_folder(args.data, config.img_size, config.in_chans)
+    root = Path(args.data)
+    # File paths pick each image's permutation; they stay here, not in the shard.
+    ids = [str(f.relative_to(root)) for f in files]
+    path = Client(config, key).encode(images, args.out, image_ids=ids)
+    print(f"wrote {path}: {len(files)} images × {config.n_tokens} tokens × {config.embed_dim}")
+    return 0
+
+
+# ---------------------------------------------------------------- pretrain
+def add_pretrain(sub: argparse._SubParsersAction) -> None:
+    from .server import PretrainConfig
+
+    d = PretrainConfig()
+    p = sub.add_parser("pretrain", help="server: masked sampling distillation on token shards")
+    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--out", required=True, help="body file to write (.safetensors)")
+    p.add_argument("--work-dir", default=None,
+                   help="checkpoints and metrics.jsonl (default: OUT + '.work')")
+    p.add_argument("--resume", action="store_true", help="continue from the work dir's checkpoint")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    p.add_argument("--out-dim", type=int, default=d.out_dim)
+    p.add_argument("--hidden-dim", type=int, default=d.hidden_dim)
+    p.add_argument("--bottleneck-dim", type=int, default=d.bottleneck_dim)
+    p.add_argument("--global-keep", type=float, nargs=2, default=list(d.global_keep))
+    p.add_argument("--local-keep", type=float, nargs="*", default=list(d.local_keep))
+    p.add_argument("--teacher-temp", type=float, default=d.teacher_temp)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    _model_args(p)
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .server import PretrainConfig, Server
+
+    train = PretrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        warmup_epochs=args.warmup_epochs, out_dim=args.out_dim, hidden_dim=args.hidden_dim,
+        bottleneck_dim=args.bottleneck_dim, global_keep=tuple(args.global_keep),
+        local_keep=tuple(args.local_keep), teacher_temp=args.teacher_temp,
+        warmup_teacher_temp=min(args.teacher_temp, PretrainConfig().warmup_teacher_temp),
+        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
+    work = args.work_dir or f"{args.out}.work"
+    server = Server(_model_config(args), train)
+    server.pretrain(args.shards, out=args.out, work_dir=work, resume=args.resume,
+                    progress=not args.no_progress)
+    print(f"wrote {args.out} (metrics and checkpoint in {work})")
+    return 0
+
+
+# ---------------------------------------------------------------- finetune
+def add_finetune(sub: argparse._SubParsersAction) -> None:
+    from .training import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="client: train a classifier on the returned body")
+    p.add_argument("--body", required=True, help="body file from smsd pretrain")
+    p.add_argument("--data", required=True, help="labeled image folder (ROOT/<class>/<image>)")
+    p.add_argument("--out", default="model.safetensors", help="fine-tuned model to write")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--freeze-body", action="store_true", help="train the linear tail only")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _client_for(config, fingerprint: str, source: str):
+    from .client import Client
+
+    client = Client(config, None)
+    if fingerprint and fingerprint != client.fingerprint:
+        raise SmsdError(f"{source} was trained on tokens of a different head than this "
+                        "model config's seeded head")
+    return client
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from ..data import load_image_folder
+    from .body_io import load_body
+    from .classifier_io import save_classifier
+    from .training import FinetuneConfig
+
+    body, config, fingerprint = load_body(args.body)
+    client = _client_for(config, fingerprint, args.body)
+    images, labels, classes, _ = load_image_folder(args.data, config.img_size, config.in_chans)
+    ft = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                        freeze_body=args.freeze_body, seed=args.seed)
+    metrics = client.finetune(body, images, labels, num_classes=len(classes), config=ft)
+    save_classifier(args.out, client.model, classes=classes, head_fingerprint=client.fingerprint)
+    print(f"wrote {args.out}: train loss {metrics['train_loss']:.4f}, "
+          f"train accuracy {100 * metrics['train_accuracy']:.2f}%")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy of a fine-tuned model on a labeled folder")
+    p.add_argument("--model", required=True, help="file from smsd finetune")
+    p.add_argument("--data", required=True, help="labeled image folder (ROOT/<class>/<image>)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_image_folder
+    from .classifier_io import load_classifier
+    from .training import accuracy
+
+    model, config, classes, fingerprint = load_classifier(args.model)
+    client = _client_for(config, fingerprint, args.model)
+    images, labels, found, _ = load_image_folder(args.data, config.img_size, config.in_chans)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise SmsdError(f"{args.data} has classes the model was not trained on: {unknown}")
+    # Map this folder's label numbers onto the model's class order.
+    remap = torch.tensor([classes.index(name) for name in found])
+    acc = accuracy(model, client.tokens(images), remap[labels])
+    print(f"accuracy {100 * acc:.2f}% on {len(labels)} images ({args.data})")
+    return 0
+
+
+# ---------------------------------------------------------------- simulate
+def add_simulate(sub: argparse._SubParsersAction) -> None:
+    from .simulate import SimulateConfig
+
+    d = SimulateConfig()
+    p = sub.add_parser("simulate", help="SMSD vs fine-tune only, FedAvg and centralized "
+                       "training on simulated clients (the demo)")
+    p.add_argument("--dataset", default=d.dataset, help="'digits' (bundled) or 'folder:PATH'")
+    p.add_argument("--clients", type=int, default=d.clients)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet label skew")
+    p.add_argument("--labeled-fraction", type=float, default=d.labeled_fraction)
+    p.add_argument("--rounds", type=int, default=d.rounds, help="FedAvg rounds")
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="FedAvg")
+    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain.epochs)
+    p.add_argument("--finetune-epochs", type=int, default=d.finetune.epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default="simulate-results", help="folder for JSON/CSV/PNG")
+    p.add_argument("--quick", action="store_true", help="tiny smoke-test run (seconds)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import SimulateConfig, format_table, quick_config, simulate
+
+    cfg = SimulateConfig()
+    cfg = replace(
+        cfg, dataset=args.dataset, clients=args.clients, alpha=args.alpha,
+        labeled_fraction=args.labeled_fraction, rounds=args.rounds,
+        local_epochs=args.local_epochs, seed=args.seed,
+        pretrain=replace(cfg.pretrain, epochs=args.pretrain_epochs, seed=args.seed),
+        finetune=replace(cfg.finetune, epochs=args.finetune_epochs, seed=args.seed))
+    if args.quick:
+        cfg = quick_config(cfg)
+    results = simulate(cfg, args.out, progress=not args.no_progress)
+    print()
+    print(format_table(results))
+    print(f"\nsaved {args.out}/results.json, results.csv, results.png")
+    return 0

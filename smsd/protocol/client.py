@@ -1,0 +1,105 @@
+"""The client: encode images once (permuted tokens), later fine-tune the returned body."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..crypto import ImageId, PermutationKey
+from ..models import ClassifierTail, PatchHead, ViTBody, ViTConfig, head_fingerprint
+from ..ops import masked_sample
+from .shard import write_shard
+from .training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
+
+__all__ = ["Client"]
+
+
+class Client:
+    """One data owner.
+
+    Args:
+        model_config: the public model config (the head is built from its seed).
+        key: this client's secret :class:`~smsd.crypto.PermutationKey`.
+        head: optional pre-trained head (e.g. from :func:`~smsd.models.load_pretrained`);
+            its fingerprint goes into every shard.
+    """
+
+    def __init__(self, model_config: ViTConfig, key: PermutationKey | None,
+                 head: PatchHead | None = None) -> None:
+        if key is not None and not isinstance(key, PermutationKey):
+            raise TypeError(f"key must be a PermutationKey, got {type(key).__name__}")
+        self.config = model_config
+        self.key = key
+        self.head = (head or PatchHead(model_config)).eval().requires_grad_(False)
+        self.fingerprint = head_fingerprint(self.head)
+        self.model: TokenClassifier | None = None
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Head output with position embedding, in patch order: fp32 ``[n, N, D]``."""
+        if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point:
+            raise TypeError("images must be a floating-point torch.Tensor [n, C, H, W]")
+        if images.shape[0] == 0:
+            raise ValueError("images is empty: there is nothing to encode")
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain non-finite values")
+        return torch.cat([self.head(images[i:i + batch_size].float())
+                          for i in range(0, images.shape[0], batch_size)])
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, out: str | os.PathLike,
+               image_ids: Sequence[ImageId] | None = None) -> Path:
+        """Embed, permute each image's tokens with the key, and write a shard to ``out``.
+
+        ``image_ids`` (default ``0..n-1``) select each image's permutation; they stay on
+        the client, the shard does not hold them.
+        """
+        if self.key is None:
+            raise ValueError("encode needs the client's permutation key (key=None was given)")
+        tokens = self.tokens(images)
+        n, n_tokens, _ = tokens.shape
+        ids = list(range(n)) if image_ids is None else list(image_ids)
+        if len(ids) != n:
+            raise ValueError(f"image_ids has {len(ids)} ids for {n} images")
+        perm = self.key.permutations(ids, n_tokens)
+        keep_all = torch.arange(n_tokens).expand(n, n_tokens)
+        permuted = masked_sample(tokens, keep_all, perm)  # out[b, j] = tokens[b, perm[b, j]]
+        return write_shard(out, permuted, head_fingerprint=self.fingerprint, grid=self.config.grid)
+
+    def finetune(self, body: ViTBody, images: torch.Tensor, labels: torch.Tensor, *,
+                 num_classes: int, config: FinetuneConfig | None = None,
+                 test_images: torch.Tensor | None = None,
+                 test_labels: torch.Tensor | None = None) -> dict[str, float]:
+        """Attach a linear classifier to a copy of ``body`` and train on labeled images
+        (tokens in patch order). The result stays in ``self.model``.
+
+        Returns metrics: final training loss, train accuracy and, with a test set,
+        test accuracy.
+        """
+        config = config or FinetuneConfig()
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+            raise TypeError("labels must be an int64 torch.Tensor")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes}), "
+                             f"got {int(labels.min())}..{int(labels.max())}")
+        tokens = self.tokens(images)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            tail = ClassifierTail(body.config.embed_dim, num_classes)
+        self.model = TokenClassifier(copy.deepcopy(body), tail)
+        history = train_classifier(self.model, tokens, labels, config)
+        metrics = {"train_loss": history[-1],
+                   "train_accuracy": accuracy(self.model, tokens, labels)}
+        if test_images is not None and test_labels is not None:
+            metrics["test_accuracy"] = self.evaluate(test_images, test_labels)
+        return metrics
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Accuracy of the fine-tuned model on labeled images."""
+        if self.model is None:
+            raise ValueError("call finetune before evaluate")
+        return accuracy(self.model, self.tokens(images), labels)

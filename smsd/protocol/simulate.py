@@ -1,0 +1,297 @@
+"""``smsd simulate``: the protocol against its baselines on one machine.
+
+K simulated clients hold a non-IID (Dirichlet label-skew) split of a data set, with
+labels for a fraction of their images and a local test set. Four methods, one recipe
+for every supervised step (:func:`~smsd.protocol.training.train_classifier`), the same
+initial body for all:
+
+* SMSD: every client encodes its images once; the server pre-trains the body on all
+  shards; each client fine-tunes the returned body on its labels (1 round).
+* fine-tune only: each client trains from the initial body on its labels (0 rounds).
+* FedAvg: supervised, ``rounds`` rounds, the full model goes down and up each round.
+* centralized: one model trained on every client's labels pooled (upper bound).
+
+Reported per method: mean and min client test accuracy, rounds, bytes uploaded and
+downloaded per client (mean over clients), wall time.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..crypto import PermutationKey
+from ..data import ClientData, load_digits, load_image_folder, make_clients
+from ..io import atomic_write_bytes, write_with
+from ..models import ClassifierTail, ViTBody, ViTConfig, vit_tiny
+from .client import Client
+from .server import PretrainConfig, Server
+from .training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
+
+__all__ = ["MethodResult", "SimulateConfig", "default_model_config", "simulate"]
+
+
+def default_model_config(img_size: int = 32, in_chans: int = 1) -> ViTConfig:
+    """The demo model: a 4-block, 64-wide ViT on 32×32 images with 4×4 patches."""
+    return vit_tiny(patch_size=4, img_size=img_size, in_chans=in_chans, embed_dim=64, depth=4,
+                    num_heads=4)
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    dataset: str = "digits"
+    clients: int = 4
+    alpha: float = 0.5
+    labeled_fraction: float = 0.2
+    test_fraction: float = 0.2
+    rounds: int = 20
+    local_epochs: int = 10
+    seed: int = 0
+    model: ViTConfig = field(default_factory=default_model_config)
+    # DINO's recipe (lr 5e-4 per 256 images, teacher momentum 0.996, temperature 0.04) with
+    # the projection head scaled down to the demo model; epochs sized for the 10-minute demo.
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
+        epochs=12, batch_size=64, lr=5e-4 * 64 / 256, warmup_epochs=2, out_dim=1024,
+        hidden_dim=256, bottleneck_dim=64, checkpoint_every=1000))
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=100))
+
+
+@dataclass
+class MethodResult:
+    method: str
+    accuracies: list[float]
+    rounds: int
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def min_accuracy(self) -> float:
+        return min(self.accuracies)
+
+    def row(self) -> dict:
+        return {"method": self.method, "mean_acc": round(100 * self.mean_accuracy, 2),
+                "min_acc": round(100 * self.min_accuracy, 2), "rounds": self.rounds,
+                "bytes_up_per_client": self.bytes_up, "bytes_down_per_client": self.bytes_down,
+                "wall_s": round(self.seconds, 2),
+                "client_acc": [round(100 * a, 2) for a in self.accuracies]}
+
+
+def _load_dataset(spec: str, model: ViTConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if spec == "digits":
+        images, labels = load_digits(model.img_size)
+        if model.in_chans != 1:
+            images = images.expand(-1, model.in_chans, -1, -1).contiguous()
+        return images, labels, 10
+    if spec.startswith("folder:"):
+        images, labels, classes, _ = load_image_folder(spec[len("folder:"):], model.img_size,
+                                                       model.in_chans)
+        return images, labels, len(classes)
+    raise ValueError(f"dataset must be 'digits' or 'folder:PATH', got {spec!r}")
+
+
+def _simulation_key(seed: int, client: int) -> PermutationKey:
+    # Reproducible keys for the simulation only; real clients use PermutationKey.generate().
+    return PermutationKey(hashlib.sha256(f"smsd/simulate/{seed}/{client}".encode()).digest())
+
+
+def initial_body(model: ViTConfig, seed: int) -> ViTBody:
+    """The body every method starts from (the server's student init for ``seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViTBody(model)
+
+
+def _new_classifier(body: ViTBody, num_classes: int, seed: int) -> TokenClassifier:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        tail = ClassifierTail(body.config.embed_dim, num_classes)
+    return TokenClassifier(copy.deepcopy(body), tail)
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    buffer = io.BytesIO()
+    from safetensors.torch import save
+
+    buffer.write(save({k: v.contiguous() for k, v in module.state_dict().items()}))
+    return buffer.tell()
+
+
+def _timed(fn: Callable[[], MethodResult]) -> MethodResult:
+    start = time.perf_counter()
+    result = fn()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run_smsd(cfg: SimulateConfig, data: list[ClientData], num_classes: int, work: Path,
+              progress: bool) -> MethodResult:
+    clients = [Client(cfg.model, _simulation_key(cfg.seed, i)) for i in range(len(data))]
+    shards = [c.encode(d.train_images, work / f"client{i}.safetensors")
+              for i, (c, d) in enumerate(zip(clients, data, strict=True))]
+    server = Server(cfg.model, cfg.pretrain, head_fingerprint=clients[0].fingerprint)
+    body_path = work / "body.safetensors"
+    body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress)
+    accs = []
+    for client, d in zip(clients, data, strict=True):
+        metrics = client.finetune(body, d.labeled_images, d.labeled_labels,
+                                  num_classes=num_classes, config=cfg.finetune,
+                                  test_images=d.test_images, test_labels=d.test_labels)
+        accs.append(metrics["test_accuracy"])
+    up = sum(os.path.getsize(s) for s in shards) // len(shards)
+    return MethodResult("SMSD", accs, 1, up, os.path.getsize(body_path), 0.0)
+
+
+def _run_finetune_only(cfg, tokens, data, num_classes, body) -> MethodResult:
+    accs = []
+    for (train_t, test_t), d in zip(tokens, data, strict=True):
+        model = _new_classifier(body, num_classes, cfg.seed)
+        train_classifier(model, train_t, d.labeled_labels, cfg.finetune)
+        accs.append(accuracy(model, test_t, d.test_labels))
+    return MethodResult("fine-tune only", accs, 0, 0, 0, 0.0)
+
+
+def _run_fedavg(cfg, tokens, data, num_classes, body) -> MethodResult:
+    global_model = _new_classifier(body, num_classes, cfg.seed)
+    weights = torch.tensor([float(d.labeled_labels.numel()) for d in data])
+    weights /= weights.sum()
+    ft = cfg.finetune
+    for r in range(cfg.rounds):
+        # The global LR follows the fine-tuning recipe's cosine over rounds.
+        lr = ft.min_lr + 0.5 * (ft.lr - ft.min_lr) * (1 + torch.cos(
+            torch.tensor(torch.pi * r / cfg.rounds))).item()
+        local = FinetuneConfig(epochs=cfg.local_epochs, lr=lr, min_lr=lr,
+                               weight_decay=ft.weight_decay, batch_size=ft.batch_size,
+                               warmup_epochs=0, seed=ft.seed + r)
+        states = []
+        for (train_t, _), d in zip(tokens, data, strict=True):
+            model = copy.deepcopy(global_model)
+            train_classifier(model, train_t, d.labeled_labels, local)
+            states.append(model.state_dict())
+        averaged = {k: sum(w * s[k].float() for w, s in zip(weights, states, strict=True))
+                    for k in states[0]}
+        global_model.load_state_dict(averaged)
+    accs = [accuracy(global_model, test_t, d.test_labels)
+            for (_, test_t), d in zip(tokens, data, strict=True)]
+    size = _state_bytes(global_model)
+    return MethodResult("FedAvg", accs, cfg.rounds, cfg.rounds * size, cfg.rounds * size, 0.0)
+
+
+def _run_centralized(cfg, tokens, data, num_classes, body) -> MethodResult:
+    model = _new_classifier(body, num_classes, cfg.seed)
+    pooled = torch.cat([t for t, _ in tokens])
+    labels = torch.cat([d.labeled_labels for d in data])
+    train_classifier(model, pooled, labels, cfg.finetune)
+    accs = [accuracy(model, test_t, d.test_labels)
+            for (_, test_t), d in zip(tokens, data, strict=True)]
+    # Pooling means uploading the labeled images (fp32 tensors) and their labels.
+    up = sum(d.labeled_images.numel() * 4 + d.labeled_labels.numel() * 8 for d in data) \
+        // len(data)
+    return MethodResult("centralized", accs, 1, up, 0, 0.0)
+
+
+def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
+             progress: bool = True, log: Callable[[str], None] = print) -> list[MethodResult]:
+    """Run the four methods; with ``out_dir``, write ``results.json``, ``results.csv`` and
+    ``results.png`` there (atomically)."""
+    torch.manual_seed(cfg.seed)
+    images, labels, num_classes = _load_dataset(cfg.dataset, cfg.model)
+    data = make_clients(images, labels, cfg.clients, cfg.alpha, cfg.labeled_fraction,
+                        cfg.test_fraction, cfg.seed)
+    log(f"{cfg.dataset}: {len(labels)} images, {num_classes} classes, {cfg.clients} clients "
+        f"(alpha={cfg.alpha}); train/labeled/test per client: "
+        + ", ".join(f"{d.train_images.shape[0]}/{d.labeled_labels.numel()}/"
+                    f"{d.test_labels.numel()}" for d in data))
+    probe = Client(cfg.model, None)
+    tokens = [(probe.tokens(d.labeled_images), probe.tokens(d.test_images)) for d in data]
+    body = initial_body(cfg.model, cfg.pretrain.seed)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="smsd-simulate-") as tmp:
+        results.append(_timed(lambda: _run_smsd(cfg, data, num_classes, Path(tmp), progress)))
+    log(_format_row(results[-1]))
+    for run in (_run_finetune_only, _run_fedavg, _run_centralized):
+        results.append(_timed(lambda run=run: run(cfg, tokens, data, num_classes, body)))
+        log(_format_row(results[-1]))
+    if out_dir is not None:
+        write_results(results, cfg, Path(out_dir))
+    return results
+
+
+def _format_row(r: MethodResult) -> str:
+    return (f"{r.method:<16}{100 * r.mean_accuracy:>9.2f}{100 * r.min_accuracy:>9.2f}"
+            f"{r.rounds:>8}{_human(r.bytes_up):>12}{_human(r.bytes_down):>12}{r.seconds:>9.1f}")
+
+
+def format_table(results: list[MethodResult]) -> str:
+    head = (f"{'method':<16}{'mean acc':>9}{'min acc':>9}{'rounds':>8}{'up/client':>12}"
+            f"{'down/client':>12}{'wall s':>9}")
+    return "\n".join([head, *(_format_row(r) for r in results)])
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def write_results(results: list[MethodResult], cfg: SimulateConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r.row() for r in results]
+    payload = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "results": rows}
+    atomic_write_bytes(out / "results.json", (json.dumps(payload, indent=2) + "\n").encode())
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=[k for k in rows[0] if k != "client_acc"],
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "results.csv", text.getvalue().encode())
+    _plot(results, out / "results.png")
+
+
+def _plot(results: list[MethodResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r.method for r in results]
+    xs = range(len(results))
+    ax.bar([x - 0.2 for x in xs], [100 * r.mean_accuracy for r in results], 0.4, label="mean")
+    ax.bar([x + 0.2 for x in xs], [100 * r.min_accuracy for r in results], 0.4, label="min")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("client test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def quick_config(cfg: SimulateConfig) -> SimulateConfig:
+    """A seconds-long version of ``cfg`` (smoke tests, CI): tiny model, few epochs."""
+    from dataclasses import replace
+
+    return replace(
+        cfg, rounds=2, local_epochs=1,
+        model=cfg.model.replace(embed_dim=16, depth=1, num_heads=2),
+        pretrain=replace(cfg.pretrain, epochs=1, batch_size=128, out_dim=64, hidden_dim=32,
+                         bottleneck_dim=16, warmup_epochs=0, local_keep=(0.2,) * 2),
+        finetune=replace(cfg.finetune, epochs=2))

@@ -1,0 +1,110 @@
+"""Supervised training of body + classifier on (unpermuted) tokens.
+
+Used by :meth:`Client.finetune` and by every baseline of ``smsd simulate``, so that all
+methods share one recipe and differ only in where the body starts and what it sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .schedules import cosine_schedule
+
+__all__ = ["FinetuneConfig", "accuracy", "classify", "train_classifier"]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Local supervised training: AdamW, linear warm-up then cosine LR."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    batch_size: int = 32
+    warmup_epochs: int = 2
+    freeze_body: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+
+
+class TokenClassifier(nn.Module):
+    """body → classifier, on head tokens ``[B, N, D]``."""
+
+    def __init__(self, body: nn.Module, tail: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.tail = tail
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.body(tokens))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Biases, norms and the CLS token are not decayed (DINO/timm convention).
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith("cls_token") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch.Tensor,
+                     config: FinetuneConfig) -> list[float]:
+    """Train in place; returns the mean loss of each epoch."""
+    if tokens.shape[0] != labels.shape[0] or tokens.shape[0] == 0:
+        raise ValueError(f"need as many labels as images (>0), got {tokens.shape[0]} images "
+                         f"and {labels.shape[0]} labels")
+    model.body.requires_grad_(not config.freeze_body)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+    n = tokens.shape[0]
+    steps = -(-n // config.batch_size)
+    lrs = cosine_schedule(config.lr, config.min_lr, config.epochs, steps, config.warmup_epochs)
+    gen = torch.Generator().manual_seed(config.seed)
+    model.train()
+    history, it = [], 0
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, config.batch_size):
+            batch = order[start:start + config.batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = float(lrs[it])
+            loss = F.cross_entropy(model(tokens[batch].float()), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            it += 1
+        history.append(total / n)
+    model.body.requires_grad_(True)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def classify(model: nn.Module, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted class of each token sequence."""
+    model.eval()
+    return torch.cat([model(tokens[i:i + batch_size].float()).argmax(-1)
+                      for i in range(0, tokens.shape[0], batch_size)])
+
+
+def accuracy(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of correct predictions."""
+    if tokens.shape[0] == 0:
+        raise ValueError("cannot evaluate on zero images")
+    return float((classify(model, tokens) == labels).float().mean())

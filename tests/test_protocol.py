@@ -1,0 +1,199 @@
+"""Protocol: shards (content, privacy, validation), pre-training (determinism, resume),
+body files, fine-tuning, simulate."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from smsd.crypto import PermutationKey, invert
+from smsd.models import ViTBody, vit_tiny
+from smsd.protocol import (
+    BodyFileError,
+    Client,
+    FinetuneConfig,
+    PretrainConfig,
+    PretrainError,
+    Server,
+    ShardError,
+    load_body,
+    read_shard,
+    save_body,
+)
+from smsd.protocol.schedules import cosine_schedule
+
+MODEL = vit_tiny(patch_size=4, img_size=16, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+TRAIN = PretrainConfig(epochs=2, batch_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8,
+                       warmup_epochs=1, local_keep=(0.25,) * 3, checkpoint_every=1)
+
+
+@pytest.fixture
+def key():
+    return PermutationKey.generate()
+
+
+@pytest.fixture
+def shard(tmp_path, key):
+    images = torch.randn(20, 1, 16, 16)
+    return Client(MODEL, key).encode(images, tmp_path / "c.safetensors"), images
+
+
+def test_shard_holds_permuted_head_tokens(shard, key):
+    path, images = shard
+    client = Client(MODEL, key)
+    tokens = read_shard(path, head_fingerprint=client.fingerprint, grid=4, embed_dim=16)
+    assert tokens.dtype == torch.float16 and tokens.shape == (20, 16, 16)
+    # Undo the secret permutation: the client's tokens come back (within fp16 rounding).
+    inv = invert(key.permutations(range(20), 16))
+    restored = torch.gather(tokens.float(), 1, inv[..., None].expand(-1, -1, 16))
+    torch.testing.assert_close(restored, client.tokens(images), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(tokens.float(), client.tokens(images), atol=1e-2)
+
+
+def test_shard_metadata_reveals_no_secret(shard, key):
+    path, _ = shard
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta, names = handle.metadata(), list(handle.keys())
+    assert names == ["tokens"]
+    assert set(meta) == {"format", "version", "head_fingerprint", "grid", "embed_dim", "dtype",
+                         "count"}
+    raw = path.read_bytes()
+    assert key._secret.hex().encode() not in raw and key._secret not in raw
+    assert meta["count"] == "20" and meta["dtype"] == "float16"
+
+
+def test_encode_needs_key_and_images():
+    with pytest.raises(ValueError, match="key"):
+        Client(MODEL, None).encode(torch.randn(2, 1, 16, 16), "x.safetensors")
+    with pytest.raises(TypeError, match="PermutationKey"):
+        Client(MODEL, "secret")
+    with pytest.raises(ValueError, match="empty"):
+        Client(MODEL, PermutationKey.generate()).encode(torch.randn(0, 1, 16, 16), "x")
+
+
+def _rewrite(path, tokens, **meta_changes):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    meta.update(meta_changes)
+    save_file({"tokens": tokens}, str(path), metadata=meta)
+
+
+def test_server_rejects_bad_shards_naming_the_file(tmp_path, shard):
+    path, _ = shard
+    server = Server(MODEL, TRAIN)
+    other = Client(MODEL.replace(head_seed=7), PermutationKey.generate()).encode(
+        torch.randn(4, 1, 16, 16), tmp_path / "other.safetensors")
+    with pytest.raises(ShardError, match=f"{other}.*different head"):
+        server.load_shards([path, other])
+    tokens = load_file(str(path))["tokens"]
+    cases = {
+        "nan": (tokens.clone().index_fill_(0, torch.tensor([3]), float("nan")), {}, "non-finite"),
+        "f32": (tokens.float(), {}, "float16"),
+        "shape": (tokens[:, :9].contiguous(), {}, "shape"),
+        "count": (tokens, {"count": "3"}, "shape"),
+        "format": (tokens, {"format": "zip"}, "not a smsd token shard"),
+    }
+    for name, (bad_tokens, meta, message) in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(path.read_bytes())
+        _rewrite(bad, bad_tokens, **meta)
+        with pytest.raises(ShardError, match=message) as info:
+            server.load_shards([path, bad])
+        assert str(bad) in str(info.value), name
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(path.read_bytes()[:5])
+    with pytest.raises(ShardError, match=f"{truncated}.*truncated"):
+        server.load_shards([truncated])
+    with pytest.raises(ShardError, match="does not exist"):
+        server.load_shards([tmp_path / "missing.safetensors"])
+
+
+def test_pretrain_is_deterministic_and_logs(tmp_path, shard):
+    path, _ = shard
+    a = Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path / "a", out=tmp_path / "a.st",
+                                       progress=False)
+    b = Server(MODEL, TRAIN).pretrain([path], progress=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[-1]["momentum"] > TRAIN.momentum_teacher
+    body, config, fingerprint = load_body(tmp_path / "a.st", MODEL)
+    assert config == MODEL and fingerprint == Client(MODEL, None).fingerprint
+    torch.testing.assert_close(body.state_dict()["norm.weight"], a.state_dict()["norm.weight"])
+    # the trained body differs from its init
+    init = ViTBody(MODEL)
+    assert not torch.equal(init.blocks[0].attn.qkv.weight, a.blocks[0].attn.qkv.weight)
+
+
+def test_resume_continues_exactly(tmp_path, shard):
+    path, _ = shard
+    full = Server(MODEL, TRAIN).pretrain([path], progress=False)
+    Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path, stop_after=1, progress=False)
+    resumed = Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path, resume=True,
+                                            progress=False)
+    for (name, pa), pb in zip(full.state_dict().items(), resumed.state_dict().values(),
+                              strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    other = PretrainConfig(**{**TRAIN.__dict__, "lr": 1e-2})
+    with pytest.raises(PretrainError, match="another training config"):
+        Server(MODEL, other).pretrain([path], work_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(PretrainError, match=r"no checkpoint\.pt"):
+        Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path / "new", resume=True)
+
+
+def test_pretrain_config_validation():
+    with pytest.raises(ValueError, match="global_keep"):
+        PretrainConfig(global_keep=(0.5,))
+    with pytest.raises(ValueError, match="local_keep"):
+        PretrainConfig(local_keep=(0.0,))
+    with pytest.raises(ValueError, match="epochs"):
+        PretrainConfig(epochs=0)
+
+
+def test_body_file_errors(tmp_path):
+    body = ViTBody(MODEL)
+    path = save_body(tmp_path / "b.safetensors", body, head_fingerprint="x")
+    with pytest.raises(BodyFileError, match="another model config"):
+        load_body(path, MODEL.replace(depth=2))
+    with pytest.raises(BodyFileError, match="does not exist"):
+        load_body(tmp_path / "missing")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    with pytest.raises(BodyFileError, match=str(junk)):
+        load_body(junk)
+
+
+def test_finetune_learns_separable_classes():
+    torch.manual_seed(0)
+    labels = torch.arange(2).repeat(16)
+    images = torch.randn(32, 1, 16, 16) * 0.1 + (labels.float() * 2 - 1)[:, None, None, None]
+    client = Client(MODEL, None)
+    metrics = client.finetune(ViTBody(MODEL), images, labels, num_classes=2,
+                              config=FinetuneConfig(epochs=15, batch_size=8),
+                              test_images=images, test_labels=labels)
+    assert metrics["train_accuracy"] == 1.0 and metrics["test_accuracy"] == 1.0
+    frozen = Client(MODEL, None)
+    body = ViTBody(MODEL)
+    before = body.state_dict()["blocks.0.attn.qkv.weight"].clone()
+    frozen.finetune(body, images, labels, num_classes=2,
+                    config=FinetuneConfig(epochs=1, freeze_body=True))
+    torch.testing.assert_close(frozen.model.body.state_dict()["blocks.0.attn.qkv.weight"], before)
+    with pytest.raises(ValueError, match="labels must lie"):
+        client.finetune(body, images, labels + 5, num_classes=2)
+
+
+def test_cosine_schedule():
+    values = cosine_schedule(1.0, 0.0, epochs=4, steps_per_epoch=5, warmup_epochs=1)
+    assert len(values) == 20 and values[0] == 0.0 and values[5] == pytest.approx(1.0)
+    assert values[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(values[5:]))

@@ -1,0 +1,101 @@
+"""The protocol's commands end to end on a tiny image folder, their errors, and a tiny
+``smsd simulate``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from smsd.cli import main
+
+MODEL_ARGS = ["--img-size", "16", "--patch-size", "4", "--in-chans", "1"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for c, name in enumerate(("zero", "one")):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.clip(rng.normal(60 + 130 * c, 20, (16, 16)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_encode_pretrain_finetune_evaluate(tmp_path, folder, capsys):
+    key, shard = tmp_path / "client.key", tmp_path / "client.safetensors"
+    body, model = tmp_path / "body.safetensors", tmp_path / "model.safetensors"
+    assert main(["keygen", "--out", str(key)]) == 0
+    assert main(["encode", "--data", str(folder), "--key", str(key), "--out", str(shard),
+                 *MODEL_ARGS]) == 0
+    assert main(["pretrain", "--shards", str(shard), "--out", str(body), "--epochs", "1",
+                 "--batch-size", "4", "--out-dim", "32", "--hidden-dim", "16",
+                 "--bottleneck-dim", "8", "--warmup-epochs", "0", "--local-keep", "0.25",
+                 "0.25", "--no-progress", *MODEL_ARGS]) == 0
+    assert (tmp_path / "body.safetensors.work" / "metrics.jsonl").is_file()
+    assert main(["finetune", "--body", str(body), "--data", str(folder), "--out", str(model),
+                 "--epochs", "10", "--batch-size", "4"]) == 0
+    assert main(["evaluate", "--model", str(model), "--data", str(folder)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_encode_errors_exit_2_and_write_nothing(tmp_path, folder, capsys):
+    key, shard = tmp_path / "client.key", tmp_path / "out.safetensors"
+    args = ["encode", "--data", str(folder), "--key", str(key), "--out", str(shard), *MODEL_ARGS]
+    assert main(args) == 2
+    assert f"key file {key} does not exist" in capsys.readouterr().err
+    assert main(["keygen", "--out", str(key)]) == 0
+    bad = folder / "one" / "broken.png"
+    bad.write_bytes(b"not an image")
+    assert main(args) == 2
+    assert str(bad) in capsys.readouterr().err
+    bad.unlink()
+    (folder / "two").mkdir()
+    assert main(args) == 2
+    assert str(folder / "two") in capsys.readouterr().err
+    assert not shard.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp leftovers
+
+
+def test_pretrain_rejects_foreign_shard(tmp_path, folder, capsys):
+    key = tmp_path / "k.key"
+    main(["keygen", "--out", str(key)])
+    shard = tmp_path / "s.safetensors"
+    assert main(["encode", "--data", str(folder), "--key", str(key), "--out", str(shard),
+                 "--head-seed", "3", *MODEL_ARGS]) == 0
+    body = tmp_path / "body.safetensors"
+    assert main(["pretrain", "--shards", str(shard), "--out", str(body), "--epochs", "1",
+                 "--no-progress", *MODEL_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert str(shard) in err and "different head" in err
+    assert not body.exists()
+
+
+def test_evaluate_rejects_a_body_file(tmp_path, folder, capsys):
+    from smsd.models import ViTBody
+    from smsd.protocol import save_body
+    from smsd.protocol.simulate import default_model_config
+
+    path = save_body(tmp_path / "b.safetensors", ViTBody(default_model_config()),
+                     head_fingerprint="")
+    assert main(["evaluate", "--model", str(path), "--data", str(folder)]) == 2
+    assert "not a smsd classifier file" in capsys.readouterr().err
+
+
+def test_simulate_quick(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--quick", "--no-progress", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    for method in ("SMSD", "fine-tune only", "FedAvg", "centralized"):
+        assert method in table
+    payload = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in payload["results"]}
+    assert rows["SMSD"]["rounds"] == 1 and rows["FedAvg"]["rounds"] == 2
+    assert rows["SMSD"]["bytes_up_per_client"] > 0 and rows["fine-tune only"]["rounds"] == 0
+    assert all(0 <= r["min_acc"] <= r["mean_acc"] <= 100 for r in rows.values())
+    assert (out / "results.csv").read_text().startswith("method,")
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
