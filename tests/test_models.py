@@ -55,36 +55,43 @@ def test_head_rejects_wrong_image_shape():
         PatchHead(TINY)(torch.randn(2, 1, 16, 16))
 
 
-def test_cls_output_invariant_to_token_order():
-    body = ViTBody(TINY).double().eval()
-    tokens = torch.randn(3, TINY.n_tokens, TINY.embed_dim, dtype=torch.float64)
+# The attention op computes in fp32 at most: order-invariance then holds up to fp32
+# summation-order rounding (~1e-6 on O(1) features), while any positional leak would
+# change the features by O(1).
+FP32_ORDER_TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def test_cls_output_invariant_to_token_order(backend):
+    body = ViTBody(TINY).eval()
+    tokens = torch.randn(3, TINY.n_tokens, TINY.embed_dim)
     perm = torch.stack([torch.randperm(TINY.n_tokens) for _ in range(3)])
     shuffled = torch.gather(tokens, 1, perm[..., None].expand_as(tokens))
-    torch.testing.assert_close(body(shuffled), body(tokens), rtol=1e-12, atol=1e-12)
-    # Patch outputs are permuted the same way (equivariance).
-    out, out_shuffled = body(tokens, return_all=True), body(shuffled, return_all=True)
+    with torch.no_grad():
+        torch.testing.assert_close(body(shuffled), body(tokens), **FP32_ORDER_TOL)
+        # Patch outputs are permuted the same way (equivariance).
+        out, out_shuffled = body(tokens, return_all=True), body(shuffled, return_all=True)
     torch.testing.assert_close(out_shuffled[:, 1:],
-                               torch.gather(out[:, 1:], 1, perm[..., None].expand_as(tokens)))
+                               torch.gather(out[:, 1:], 1, perm[..., None].expand_as(tokens)),
+                               **FP32_ORDER_TOL)
 
 
-def test_forward_views_packed_matches_dense_and_per_view():
-    body = ViTBody(TINY).double().eval()
-    views = [torch.randn(b, k, TINY.embed_dim, dtype=torch.float64)
-             for b, k in ((2, 8), (2, 8), (2, 3), (1, 5))]
+def test_forward_views_packed_matches_dense_and_per_view(backend):
+    body = ViTBody(TINY).eval()
+    views = [torch.randn(b, k, TINY.embed_dim) for b, k in ((2, 8), (2, 8), (2, 3), (1, 5))]
     expected = torch.cat([body(v) for v in views])
-    torch.testing.assert_close(body.forward_views(views), expected)
-    torch.testing.assert_close(body.forward_views(views, packed=True), expected)
+    torch.testing.assert_close(body.forward_views(views), expected, **FP32_ORDER_TOL)
+    torch.testing.assert_close(body.forward_views(views, packed=True), expected, **FP32_ORDER_TOL)
 
 
-def test_forward_views_gradients_match():
-    body = ViTBody(TINY).double()
-    views = [torch.randn(2, k, TINY.embed_dim, dtype=torch.float64) for k in (6, 3)]
+def test_forward_views_gradients_match(backend):
+    body = ViTBody(TINY)
+    views = [torch.randn(2, k, TINY.embed_dim) for k in (6, 3)]
     grads = []
     for packed in (False, True):
         body.zero_grad()
         body.forward_views(views, packed=packed).square().sum().backward()
         grads.append(body.blocks[0].attn.qkv.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], grads[1], **FP32_ORDER_TOL)
 
 
 def test_body_rejects_wrong_width():
