@@ -1,6 +1,6 @@
 # smsd: two commands for a fresh machine.
 #   make test   set up .venv, build the extension, run the tests
-#   make demo   set up .venv, build the extension, run the main job
+#   make demo   set up .venv, build the extension, run the main job (smsd simulate)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -27,6 +27,9 @@ test: setup
 	SMSD_REQUIRE_BACKENDS=triton,cpp,torch $(PY) -m pytest -q tests
 
 demo: setup
+	$(VENV)/bin/smsd simulate --out demo-out
+
+check: setup
 	$(VENV)/bin/smsd check --triton-interpret
 
 bench: setup
