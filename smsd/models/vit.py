@@ -70,9 +70,11 @@ class PatchHead(nn.Module):
         weight = self.patch_embed.proj.weight
         fan_in, fan_out = weight[0].numel(), weight.shape[0]
         bound = (6.0 / (fan_in + fan_out)) ** 0.5  # Xavier-uniform on the flattened kernel (MAE)
-        weight.copy_(torch.rand(weight.shape, generator=gen) * 2 * bound - bound)
+        weight.copy_((torch.rand(weight.shape, generator=gen) * 2 * bound - bound)
+                     * self.config.patch_embed_gain)
         self.patch_embed.proj.bias.zero_()
-        self.pos_embed.copy_(sincos_pos_embed(self.config.embed_dim, self.config.grid)[None])
+        pos = sincos_pos_embed(self.config.embed_dim, self.config.grid)
+        self.pos_embed.copy_(pos[None] * self.config.pos_embed_scale)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         c = self.config
