@@ -66,20 +66,24 @@ def main() -> None:
     p.add_argument("--global-keep", type=float, default=0.5)
     p.add_argument("--patch-gain", type=float, default=1.0)
     p.add_argument("--pos-scale", type=float, default=1.0)
+    p.add_argument("--init-std", type=float, default=0.02)
+    p.add_argument("--body-lr-scale", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--finetune", action="store_true", help="also fine-tune every client")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = SimulateConfig()
-    model = base.model.replace(patch_embed_gain=args.patch_gain, pos_embed_scale=args.pos_scale)
+    model = base.model.replace(patch_embed_gain=args.patch_gain, pos_embed_scale=args.pos_scale,
+                               init_std=args.init_std)
     pre = replace(base.pretrain, epochs=args.epochs, lr=args.lr, batch_size=args.batch,
                   warmup_epochs=args.warmup, momentum_teacher=args.momentum,
                   out_dim=args.out_dim, teacher_temp=args.teacher_temp,
                   warmup_teacher_temp=min(args.teacher_temp, 0.04),
                   student_temp=args.student_temp, koleo_weight=args.koleo,
                   global_keep=(args.global_keep,) * 2, local_keep=(args.local_keep,) * args.local)
-    cfg = replace(base, model=model, pretrain=pre)
+    cfg = replace(base, model=model, pretrain=pre,
+                  finetune=replace(base.finetune, body_lr_scale=args.body_lr_scale))
     images, labels, ncls = _load_dataset(cfg.dataset, model)
     data = make_clients(images, labels, cfg.clients, cfg.alpha, cfg.labeled_fraction,
                         cfg.test_fraction, cfg.seed)

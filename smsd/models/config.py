@@ -24,6 +24,9 @@ class ViTConfig:
     ``patch_embed_gain`` and ``pos_embed_scale`` scale that seeded head (patch-embedding
     weights and the sin-cos position embedding): with a small input, a larger gain lets
     the image signal, rather than the position embedding, dominate each token.
+    ``init_std`` is the std of the body's linear weights at init (timm's 0.02 suits widths
+    of 384-768; a narrow model needs about ``embed_dim ** -0.5`` for its residual
+    branches, and so its CLS output, to depend on the input).
     """
 
     img_size: int = 224
@@ -38,6 +41,7 @@ class ViTConfig:
     head_seed: int = 0
     patch_embed_gain: float = 1.0
     pos_embed_scale: float = 1.0
+    init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -53,7 +57,7 @@ class ViTConfig:
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
             )
-        for name in ("patch_embed_gain", "pos_embed_scale"):
+        for name in ("patch_embed_gain", "pos_embed_scale", "init_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")

@@ -123,9 +123,9 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _init_weights(module: nn.Module) -> None:
+def _init_weights(module: nn.Module, std: float = 0.02) -> None:
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.trunc_normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -151,7 +151,7 @@ class ViTBody(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(lambda module: _init_weights(module, config.init_std))
 
     def _check(self, name: str, tokens: torch.Tensor, dims: int) -> None:
         if not isinstance(tokens, torch.Tensor):
