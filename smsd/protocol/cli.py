@@ -93,6 +93,8 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--global-keep", type=float, nargs=2, default=list(d.global_keep))
     p.add_argument("--local-keep", type=float, nargs="*", default=list(d.local_keep))
     p.add_argument("--teacher-temp", type=float, default=d.teacher_temp)
+    p.add_argument("--momentum-teacher", type=float, default=d.momentum_teacher,
+                   help="start of the teacher's EMA momentum (cosine to 1)")
     p.add_argument("--koleo-weight", type=float, default=d.koleo_weight,
                    help="weight of DINOv2's KoLeo term on the student's CLS features")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -112,7 +114,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         bottleneck_dim=args.bottleneck_dim, global_keep=tuple(args.global_keep),
         local_keep=tuple(args.local_keep), teacher_temp=args.teacher_temp,
         warmup_teacher_temp=min(args.teacher_temp, PretrainConfig().warmup_teacher_temp),
-        koleo_weight=args.koleo_weight, checkpoint_every=args.checkpoint_every,
+        momentum_teacher=args.momentum_teacher, koleo_weight=args.koleo_weight,
+        checkpoint_every=args.checkpoint_every,
         seed=args.seed, device=args.device)
     work = args.work_dir or f"{args.out}.work"
     server = Server(_model_config(args), train)
