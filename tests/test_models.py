@@ -186,3 +186,23 @@ def test_matches_timm_vit():
         ours = load_pretrained(f"{tmp}/timm.pth", num_heads=4).eval()
     images = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(ours(images), ref(images), rtol=1e-5, atol=1e-5)
+
+
+def test_head_gain_and_pos_scale_scale_the_seeded_head():
+    base, scaled = PatchHead(TINY), PatchHead(TINY.replace(patch_embed_gain=3.0,
+                                                           pos_embed_scale=0.5))
+    torch.testing.assert_close(scaled.patch_embed.proj.weight,
+                               3.0 * base.patch_embed.proj.weight)
+    torch.testing.assert_close(scaled.pos_embed, 0.5 * base.pos_embed)
+    assert head_fingerprint(scaled) != head_fingerprint(base)
+    with pytest.raises(ValueError, match="pos_embed_scale"):
+        TINY.replace(pos_embed_scale=-1.0)
+
+
+def test_body_init_std():
+    torch.manual_seed(0)
+    wide = ViTBody(TINY.replace(init_std=0.2))
+    std = wide.blocks[0].mlp.fc1.weight.std().item()
+    assert 0.17 < std < 0.23
+    with pytest.raises(ValueError, match="init_std"):
+        TINY.replace(init_std=float("nan"))

@@ -197,3 +197,44 @@ def test_cosine_schedule():
     values = cosine_schedule(1.0, 0.0, epochs=4, steps_per_epoch=5, warmup_epochs=1)
     assert len(values) == 20 and values[0] == 0.0 and values[5] == pytest.approx(1.0)
     assert values[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(values[5:]))
+
+
+def test_koleo_loss_rewards_spread_features():
+    from smsd.protocol.server import koleo_loss
+
+    torch.manual_seed(0)
+    spread = torch.randn(16, 8)
+    close = torch.randn(1, 8) + 0.01 * torch.randn(16, 8)
+    assert koleo_loss(spread) < koleo_loss(close)
+    x = torch.nn.functional.normalize(torch.randn(5, 3, dtype=torch.float64), dim=-1)
+    dist = torch.cdist(x, x) + torch.eye(5, dtype=torch.float64) * 10
+    expected = -torch.log(dist.min(dim=1).values).mean()
+    torch.testing.assert_close(koleo_loss(x).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrain_with_koleo_trains(shard):
+    path, _ = shard
+    cfg = PretrainConfig(**{**TRAIN.__dict__, "koleo_weight": 0.1})
+    server = Server(MODEL, cfg)
+    server.pretrain([path], progress=False)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in server.history)
+    with pytest.raises(ValueError, match="koleo_weight"):
+        PretrainConfig(koleo_weight=-1.0)
+
+
+def test_body_lr_scale():
+    torch.manual_seed(0)
+    labels = torch.arange(2).repeat(8)
+    images = torch.randn(16, 1, 16, 16)
+    body = ViTBody(MODEL)
+    before = body.state_dict()["blocks.0.attn.qkv.weight"].clone()
+    moved = {}
+    for scale in (1.0, 1e-3):
+        client = Client(MODEL, None)
+        client.finetune(body, images, labels, num_classes=2,
+                        config=FinetuneConfig(epochs=2, batch_size=8, body_lr_scale=scale))
+        after = client.model.body.state_dict()["blocks.0.attn.qkv.weight"]
+        moved[scale] = (after - before).abs().max().item()
+    assert 0 < moved[1e-3] < moved[1.0] / 10
+    with pytest.raises(ValueError, match="body_lr_scale"):
+        FinetuneConfig(body_lr_scale=0.0)

@@ -21,6 +21,12 @@ class ViTConfig:
 
     ``head_seed`` is part of the public configuration: the patch-embedding weights of a
     model built without a checkpoint come from it, so every client gets the same head.
+    ``patch_embed_gain`` and ``pos_embed_scale`` scale that seeded head (patch-embedding
+    weights and the sin-cos position embedding): with a small input, a larger gain lets
+    the image signal, rather than the position embedding, dominate each token.
+    ``init_std`` is the std of the body's linear weights at init (timm's 0.02 suits widths
+    of 384-768; a narrow model needs about ``embed_dim ** -0.5`` for its residual
+    branches, and so its CLS output, to depend on the input).
     """
 
     img_size: int = 224
@@ -33,6 +39,9 @@ class ViTConfig:
     qkv_bias: bool = True
     num_classes: int = 0
     head_seed: int = 0
+    patch_embed_gain: float = 1.0
+    pos_embed_scale: float = 1.0
+    init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -48,6 +57,10 @@ class ViTConfig:
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
             )
+        for name in ("patch_embed_gain", "pos_embed_scale", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
 

@@ -70,9 +70,11 @@ class PatchHead(nn.Module):
         weight = self.patch_embed.proj.weight
         fan_in, fan_out = weight[0].numel(), weight.shape[0]
         bound = (6.0 / (fan_in + fan_out)) ** 0.5  # Xavier-uniform on the flattened kernel (MAE)
-        weight.copy_(torch.rand(weight.shape, generator=gen) * 2 * bound - bound)
+        weight.copy_((torch.rand(weight.shape, generator=gen) * 2 * bound - bound)
+                     * self.config.patch_embed_gain)
         self.patch_embed.proj.bias.zero_()
-        self.pos_embed.copy_(sincos_pos_embed(self.config.embed_dim, self.config.grid)[None])
+        pos = sincos_pos_embed(self.config.embed_dim, self.config.grid)
+        self.pos_embed.copy_(pos[None] * self.config.pos_embed_scale)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -121,9 +123,9 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _init_weights(module: nn.Module) -> None:
+def _init_weights(module: nn.Module, std: float = 0.02) -> None:
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.trunc_normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -149,7 +151,7 @@ class ViTBody(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(lambda module: _init_weights(module, config.init_std))
 
     def _check(self, name: str, tokens: torch.Tensor, dims: int) -> None:
         if not isinstance(tokens, torch.Tensor):

@@ -24,6 +24,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-size", type=int, default=None)
     g.add_argument("--in-chans", type=int, default=None)
     g.add_argument("--head-seed", type=int, default=0, help="seed of the shared head init")
+    g.add_argument("--patch-embed-gain", type=float, default=None,
+                   help="scale of the seeded patch embedding (default: the preset's)")
+    g.add_argument("--pos-embed-scale", type=float, default=None,
+                   help="scale of the sin-cos position embedding (default: the preset's)")
 
 
 def _model_config(args: argparse.Namespace):
@@ -36,7 +40,9 @@ def _model_config(args: argparse.Namespace):
         config = default_model_config().replace(**sizes)
     else:
         config = getattr(models, args.model)(**sizes)
-    return config.replace(head_seed=args.head_seed)
+    head = {k: v for k, v in (("patch_embed_gain", args.patch_embed_gain),
+                              ("pos_embed_scale", args.pos_embed_scale)) if v is not None}
+    return config.replace(head_seed=args.head_seed, **head)
 
 
 # ------------------------------------------------------------------ encode
@@ -87,6 +93,10 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--global-keep", type=float, nargs=2, default=list(d.global_keep))
     p.add_argument("--local-keep", type=float, nargs="*", default=list(d.local_keep))
     p.add_argument("--teacher-temp", type=float, default=d.teacher_temp)
+    p.add_argument("--momentum-teacher", type=float, default=d.momentum_teacher,
+                   help="start of the teacher's EMA momentum (cosine to 1)")
+    p.add_argument("--koleo-weight", type=float, default=d.koleo_weight,
+                   help="weight of DINOv2's KoLeo term on the student's CLS features")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="cpu")
@@ -104,7 +114,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         bottleneck_dim=args.bottleneck_dim, global_keep=tuple(args.global_keep),
         local_keep=tuple(args.local_keep), teacher_temp=args.teacher_temp,
         warmup_teacher_temp=min(args.teacher_temp, PretrainConfig().warmup_teacher_temp),
-        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
+        momentum_teacher=args.momentum_teacher, koleo_weight=args.koleo_weight,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed, device=args.device)
     work = args.work_dir or f"{args.out}.work"
     server = Server(_model_config(args), train)
     server.pretrain(args.shards, out=args.out, work_dir=work, resume=args.resume,
@@ -126,6 +138,8 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--freeze-body", action="store_true", help="train the linear tail only")
+    p.add_argument("--body-lr-scale", type=float, default=d.body_lr_scale,
+                   help="the body's LR is lr × this (the new tail uses lr)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=_cmd_finetune)
 
@@ -150,7 +164,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     client = _client_for(config, fingerprint, args.body)
     images, labels, classes, _ = load_image_folder(args.data, config.img_size, config.in_chans)
     ft = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                        freeze_body=args.freeze_body, seed=args.seed)
+                        freeze_body=args.freeze_body, body_lr_scale=args.body_lr_scale,
+                        seed=args.seed)
     metrics = client.finetune(body, images, labels, num_classes=len(classes), config=ft)
     save_classifier(args.out, client.model, classes=classes, head_fingerprint=client.fingerprint)
     print(f"wrote {args.out}: train loss {metrics['train_loss']:.4f}, "

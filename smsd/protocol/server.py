@@ -64,6 +64,7 @@ class PretrainConfig:
     center_momentum: float = 0.9
     clip_grad: float = 3.0
     freeze_last_layer: int = 1
+    koleo_weight: float = 0.0
     seed: int = 0
     checkpoint_every: int = 10
     packed: bool | None = None
@@ -84,6 +85,8 @@ class PretrainConfig:
                     raise ValueError(f"{name} ratios must be in (0, 1], got {ratio!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not self.koleo_weight >= 0:
+            raise ValueError(f"koleo_weight must be >= 0, got {self.koleo_weight!r}")
 
     @property
     def keep(self) -> tuple[float, ...]:
@@ -112,8 +115,22 @@ class StudentModel(nn.Module):
         self.body = body
         self.head = head
 
-    def forward(self, views: Sequence[torch.Tensor], packed: bool) -> torch.Tensor:
-        return self.head(self.body.forward_views(views, packed=packed))
+    def forward(self, views: Sequence[torch.Tensor], packed: bool,
+                return_features: bool = False):
+        features = self.body.forward_views(views, packed=packed)
+        out = self.head(features)
+        return (out, features) if return_features else out
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo regularizer: ``-mean log(distance to the nearest neighbour)`` of the
+    L2-normalized rows; it spreads features over the sphere, against collapse."""
+    x = nn.functional.normalize(features.float(), dim=-1, eps=eps)
+    dots = x @ x.T
+    dots.fill_diagonal_(-2.0)  # never pick yourself as the neighbour
+    nearest = dots.argmax(dim=1)
+    distances = (x - x[nearest]).norm(dim=-1)
+    return -torch.log(distances + eps).mean()
 
 
 class Server:
@@ -222,8 +239,12 @@ class Server:
                     views = [masked_sample(x, idx.to(device)) for idx in index]
                     with torch.no_grad():
                         teacher_out = teacher(views[:2], packed).float()
-                    student_out = student(views, packed).float()
-                    loss = loss_fn(student_out, teacher_out, epoch)
+                    student_out, features = student(views, packed, return_features=True)
+                    loss = loss_fn(student_out.float(), teacher_out, epoch)
+                    if cfg.koleo_weight:
+                        # As in DINOv2: on the CLS features of each global view separately.
+                        loss = loss + cfg.koleo_weight * sum(
+                            koleo_loss(f) for f in features[:2 * batch].chunk(2))
                 if not math.isfinite(loss.item()):
                     raise PretrainError(f"loss became {loss.item()} at epoch {epoch}, "
                                         f"step {step}; lower lr")

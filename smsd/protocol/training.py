@@ -19,7 +19,11 @@ __all__ = ["FinetuneConfig", "accuracy", "classify", "train_classifier"]
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Local supervised training: AdamW, linear warm-up then cosine LR."""
+    """Local supervised training: AdamW, linear warm-up then cosine LR.
+
+    ``body_lr_scale`` multiplies the body's LR (the new linear tail keeps ``lr``), so a
+    pre-trained body is adapted rather than overwritten.
+    """
 
     epochs: int = 30
     lr: float = 1e-3
@@ -28,6 +32,7 @@ class FinetuneConfig:
     batch_size: int = 32
     warmup_epochs: int = 2
     freeze_body: bool = False
+    body_lr_scale: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -37,6 +42,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not self.body_lr_scale > 0:
+            raise ValueError(f"body_lr_scale must be positive, got {self.body_lr_scale!r}")
 
 
 class TokenClassifier(nn.Module):
@@ -69,7 +76,10 @@ def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch
         raise ValueError(f"need as many labels as images (>0), got {tokens.shape[0]} images "
                          f"and {labels.shape[0]} labels")
     model.body.requires_grad_(not config.freeze_body)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+    groups = [dict(g, lr_scale=config.body_lr_scale)
+              for g in _param_groups(model.body, config.weight_decay)]
+    groups += [dict(g, lr_scale=1.0) for g in _param_groups(model.tail, config.weight_decay)]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
     n = tokens.shape[0]
     steps = -(-n // config.batch_size)
     lrs = cosine_schedule(config.lr, config.min_lr, config.epochs, steps, config.warmup_epochs)
@@ -82,7 +92,7 @@ def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch
         for start in range(0, n, config.batch_size):
             batch = order[start:start + config.batch_size]
             for group in optimizer.param_groups:
-                group["lr"] = float(lrs[it])
+                group["lr"] = float(lrs[it]) * group["lr_scale"]
             loss = F.cross_entropy(model(tokens[batch].float()), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
