@@ -9,8 +9,6 @@ conftest sets for this one.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -57,14 +55,12 @@ def compile_for_h100(dtype: str) -> None:
 
 @pytest.mark.parametrize("dtype", ("fp32", "bf16", "fp16"))
 def test_kernels_compile_for_h100_without_spills(dtype):
+    # imported here: the child process runs this file and must not import conftest,
+    # which turns the Triton interpreter on
+    from conftest import run_without_interpreter
+
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__, dtype], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("no ptxas for sm_90 in this triton install")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_without_interpreter(__file__, dtype)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ fresh process without TRITON_INTERPRET, which conftest sets for this one.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -72,14 +70,12 @@ def check_kernels(dtype: str) -> None:
 
 @pytest.mark.parametrize("dtype", ("fp32", "bf16", "fp16"))
 def test_kernels_compile_for_h100_with_wide_accesses(dtype):
+    # imported here: the child process runs this file and must not import conftest,
+    # which turns the Triton interpreter on
+    from conftest import run_without_interpreter
+
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__, dtype], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("no ptxas for sm_90 in this triton install")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_without_interpreter(__file__, dtype)
 
 
 if __name__ == "__main__":
