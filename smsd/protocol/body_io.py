@@ -33,23 +33,31 @@ def save_body(path: str | os.PathLike, body: ViTBody, *, head_fingerprint: str) 
     return path
 
 
+def read_safetensors(
+    path: Path, what: str
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file; ``what`` names it in errors."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise BodyFileError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise BodyFileError(f"{what} {path} cannot be read: {exc}") from None
+    return meta, state
+
+
 def load_body(path: str | os.PathLike,
               config: ViTConfig | None = None) -> tuple[ViTBody, ViTConfig, str]:
     """Read a body file → ``(body, model config, head fingerprint)``.
 
     With ``config`` given, the file must have been trained for that same config.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise BodyFileError(f"body file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
-        raise BodyFileError(f"body file {path} cannot be read: {exc}") from None
+    meta, state = read_safetensors(path, "body file")
     if meta.get("format") != BODY_FORMAT:
         raise BodyFileError(f"{path} is not a smsd body file (format {meta.get('format')!r})")
     try:

@@ -10,7 +10,7 @@ import torch
 
 from ..io import write_with
 from ..models import ClassifierTail, ViTBody, ViTConfig
-from .body_io import BodyFileError
+from .body_io import BodyFileError, read_safetensors
 from .training import TokenClassifier
 
 __all__ = ["CLASSIFIER_FORMAT", "load_classifier", "save_classifier"]
@@ -34,17 +34,8 @@ def save_classifier(path: str | os.PathLike, model: TokenClassifier, *, classes:
 
 def load_classifier(path: str | os.PathLike) -> tuple[TokenClassifier, ViTConfig, list[str], str]:
     """→ ``(model, model config, class names, head fingerprint)``."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise BodyFileError(f"model file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
-        raise BodyFileError(f"model file {path} cannot be read: {exc}") from None
+    meta, state = read_safetensors(path, "model file")
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise BodyFileError(f"{path} is not a smsd classifier file (format "
                             f"{meta.get('format')!r}); fine-tune a body first")
