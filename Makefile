@@ -18,7 +18,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install -q $(TORCH) $(TRITON) ninja
-	$(PIP) install -q --no-build-isolation -e '.[test]'
+	$(PIP) install -q --no-build-isolation -e '.[test,dali,flower]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -19,22 +19,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import SmsdError
-from ..io import atomic_write
 from ..models import DINOHead, ViTBody, ViTConfig
 from ..nn import DINOLoss
-from ..ops import masked_sample, sample_views
-from ..validation import validation
+from ..ops import sample_views
 from .body_io import save_body
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .distill import DistillStep, StepSchedule, StudentModel, koleo_loss
 from .schedules import cosine_schedule
 from .shard import inspect_shard, read_shard
 from .training import _param_groups
 
-__all__ = ["PretrainConfig", "Server"]
-
-CHECKPOINT_NAME = "checkpoint.pt"
+__all__ = ["PretrainConfig", "Server", "koleo_loss"]
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -105,32 +102,6 @@ def _teacher_temp(cfg: PretrainConfig, epoch: int) -> float:
 
 class PretrainError(SmsdError, ValueError):
     """Pre-training cannot start or resume (bad shards, checkpoint mismatch)."""
-
-
-class StudentModel(nn.Module):
-    """Body + DINO projection head."""
-
-    def __init__(self, body: ViTBody, head: DINOHead) -> None:
-        super().__init__()
-        self.body = body
-        self.head = head
-
-    def forward(self, views: Sequence[torch.Tensor], packed: bool,
-                return_features: bool = False):
-        features = self.body.forward_views(views, packed=packed)
-        out = self.head(features)
-        return (out, features) if return_features else out
-
-
-def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """DINOv2's KoLeo regularizer: ``-mean log(distance to the nearest neighbour)`` of the
-    L2-normalized rows; it spreads features over the sphere, against collapse."""
-    x = nn.functional.normalize(features.float(), dim=-1, eps=eps)
-    dots = x @ x.T
-    dots.fill_diagonal_(-2.0)  # never pick yourself as the neighbour
-    nearest = dots.argmax(dim=1)
-    distances = (x - x[nearest]).norm(dim=-1)
-    return -torch.log(distances + eps).mean()
 
 
 class Server:
@@ -218,10 +189,9 @@ class Server:
         if resume:
             start_epoch = self._load_checkpoint(work / CHECKPOINT_NAME, student, teacher,
                                                 loss_fn, optimizer, gen)
-        last_layer = [p for name, p in student.head.named_parameters()
-                      if name.startswith("last_layer")]
+        step_fn = DistillStep(student, teacher, loss_fn, optimizer, packed=packed,
+                              koleo_weight=cfg.koleo_weight, clip_grad=cfg.clip_grad)
         end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         bar = tqdm(total=(end_epoch - start_epoch) * steps, disable=not progress,
                    desc="pretrain", unit="step")
         for epoch in range(start_epoch, end_epoch):
@@ -230,39 +200,20 @@ class Server:
             student.train()
             for step in range(steps):
                 it = epoch * steps + step
-                for i, group in enumerate(optimizer.param_groups):
-                    group["lr"] = float(lrs[it])
-                    group["weight_decay"] = float(wds[it]) if i == 0 else 0.0
                 x = tokens[order[step * batch:(step + 1) * batch]].to(device).float()
-                index = sample_views(batch, n_tokens, cfg.keep, generator=gen)
-                with validation(False), autocast:  # indices come from sample_views: in range
-                    views = [masked_sample(x, idx.to(device)) for idx in index]
-                    with torch.no_grad():
-                        teacher_out = teacher(views[:2], packed).float()
-                    student_out, features = student(views, packed, return_features=True)
-                    loss = loss_fn(student_out.float(), teacher_out, epoch)
-                    if cfg.koleo_weight:
-                        # As in DINOv2: on the CLS features of each global view separately.
-                        loss = loss + cfg.koleo_weight * sum(
-                            koleo_loss(f) for f in features[:2 * batch].chunk(2))
-                if not math.isfinite(loss.item()):
-                    raise PretrainError(f"loss became {loss.item()} at epoch {epoch}, "
+                index = [idx.to(device) for idx in
+                         sample_views(batch, n_tokens, cfg.keep, generator=gen)]
+                schedule = StepSchedule(epoch=epoch, lr=float(lrs[it]),
+                                        weight_decay=float(wds[it]),
+                                        momentum=float(momenta[it]),
+                                        freeze_last_layer=epoch < cfg.freeze_last_layer)
+                loss = step_fn(x, index, schedule).item()
+                if not math.isfinite(loss):
+                    raise PretrainError(f"loss became {loss} at epoch {epoch}, "
                                         f"step {step}; lower lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-                if epoch < cfg.freeze_last_layer:
-                    for p in last_layer:
-                        p.grad = None
-                optimizer.step()
-                with torch.no_grad():
-                    m = float(momenta[it])
-                    for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
-                        pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-                losses.append(loss.item())
+                losses.append(loss)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             record = {"epoch": epoch, "loss": sum(losses) / len(losses), "lr": float(lrs[it]),
                       "weight_decay": float(wds[it]), "momentum": float(momenta[it]),
                       "teacher_temp": _teacher_temp(cfg, epoch),
@@ -288,14 +239,10 @@ class Server:
                  "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
                  "model_config": self.config.to_json(),
                  "train_config": json.dumps(asdict(self.train_config), sort_keys=True)}
-        with atomic_write(path) as handle:
-            torch.save(state, handle)
+        save_checkpoint(path, state)
 
     def _load_checkpoint(self, path: Path, student, teacher, loss_fn, optimizer, gen) -> int:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise PretrainError(f"checkpoint {path} cannot be read: {exc}") from None
+        state = load_checkpoint(path)
         if state.get("model_config") != self.config.to_json():
             raise PretrainError(f"checkpoint {path} is for another model config")
         if state.get("train_config") != json.dumps(asdict(self.train_config), sort_keys=True):
