@@ -99,3 +99,29 @@ def test_simulate_quick(tmp_path, capsys):
     assert all(0 <= r["min_acc"] <= r["mean_acc"] <= 100 for r in rows.values())
     assert (out / "results.csv").read_text().startswith("method,")
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_simulate_seeds_reports_mean_and_std_over_runs(tmp_path, capsys):
+    import statistics
+
+    out = tmp_path / "sim"
+    assert main(["simulate", "--quick", "--no-progress", "--seeds", "3", "4",
+                 "--out", str(out)]) == 0
+    assert "mean ± std over seeds [3, 4]" in capsys.readouterr().out
+    per_seed = {s: {r["method"]: r for r in json.loads(
+        (out / f"seed-{s}" / "results.json").read_text())["results"]} for s in (3, 4)}
+    assert per_seed[3]["SMSD"]["client_acc"] != per_seed[4]["SMSD"]["client_acc"] or \
+        per_seed[3]["FedAvg"]["client_acc"] != per_seed[4]["FedAvg"]["client_acc"]
+    summary = {r["method"]: r for r in json.loads((out / "summary.json").read_text())["results"]}
+    for method, row in summary.items():
+        accs = [per_seed[s][method]["mean_acc"] for s in (3, 4)]
+        assert row["seeds"] == 2
+        assert row["mean_acc"] == pytest.approx(statistics.fmean(accs), abs=0.011)
+        assert row["mean_acc_std"] == pytest.approx(statistics.stdev(accs), abs=0.011)
+    assert (out / "summary.csv").read_text().startswith("method,seeds,")
+
+
+def test_simulate_seeds_must_be_distinct(tmp_path, capsys):
+    assert main(["simulate", "--quick", "--no-progress", "--seeds", "1", "1",
+                 "--out", str(tmp_path)]) == 2
+    assert "seeds must be distinct" in capsys.readouterr().err

@@ -217,6 +217,8 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain.epochs)
     p.add_argument("--finetune-epochs", type=int, default=d.finetune.epochs)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="run once per seed and report mean ± std (overrides --seed)")
     p.add_argument("--out", default="simulate-results", help="folder for JSON/CSV/PNG")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test run (seconds)")
     p.add_argument("--no-progress", action="store_true")
@@ -224,7 +226,14 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulate import SimulateConfig, format_table, quick_config, simulate
+    from .simulate import (
+        SimulateConfig,
+        format_summary,
+        format_table,
+        quick_config,
+        simulate,
+        simulate_seeds,
+    )
 
     cfg = SimulateConfig()
     cfg = replace(
@@ -235,6 +244,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         finetune=replace(cfg.finetune, epochs=args.finetune_epochs, seed=args.seed))
     if args.quick:
         cfg = quick_config(cfg)
+    if args.seeds:
+        runs = simulate_seeds(cfg, args.seeds, args.out, progress=not args.no_progress)
+        print()
+        print(format_summary(runs))
+        print(f"\nsaved {args.out}/summary.json, summary.csv and seed-N/ per run")
+        return 0
     results = simulate(cfg, args.out, progress=not args.no_progress)
     print()
     print(format_table(results))
