@@ -238,3 +238,30 @@ def test_body_lr_scale():
     assert 0 < moved[1e-3] < moved[1.0] / 10
     with pytest.raises(ValueError, match="body_lr_scale"):
         FinetuneConfig(body_lr_scale=0.0)
+
+
+def test_simulate_fine_tunes_the_pretrained_body_at_its_own_body_lr(monkeypatch, tmp_path):
+    """SMSD's clients use ``smsd_body_lr_scale``; the baselines train at the full LR."""
+    from dataclasses import replace
+
+    from smsd.protocol import simulate as sim
+
+    seen = {}
+    original_finetune = Client.finetune
+    original_train = sim.train_classifier
+
+    def spy_finetune(self, *args, config, **kwargs):
+        seen.setdefault("SMSD", set()).add(config.body_lr_scale)
+        return original_finetune(self, *args, config=config, **kwargs)
+
+    def spy_train(model, tokens, labels, config):
+        seen.setdefault("baselines", set()).add(config.body_lr_scale)
+        return original_train(model, tokens, labels, config)
+
+    monkeypatch.setattr(Client, "finetune", spy_finetune)
+    monkeypatch.setattr(sim, "train_classifier", spy_train)
+    cfg = replace(sim.quick_config(sim.SimulateConfig()), smsd_body_lr_scale=0.25)
+    sim.simulate(cfg, None, progress=False, log=lambda _: None)
+    assert seen == {"SMSD": {0.25}, "baselines": {1.0}}
+    with pytest.raises(ValueError, match="smsd_body_lr_scale"):
+        sim.SimulateConfig(smsd_body_lr_scale=0.0)

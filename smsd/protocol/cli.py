@@ -127,7 +127,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- finetune
 def add_finetune(sub: argparse._SubParsersAction) -> None:
-    from .training import FinetuneConfig
+    from .training import PRETRAINED_BODY_LR_SCALE, FinetuneConfig
 
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="client: train a classifier on the returned body")
@@ -138,8 +138,8 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--freeze-body", action="store_true", help="train the linear tail only")
-    p.add_argument("--body-lr-scale", type=float, default=d.body_lr_scale,
-                   help="the body's LR is lr × this (the new tail uses lr)")
+    p.add_argument("--body-lr-scale", type=float, default=PRETRAINED_BODY_LR_SCALE,
+                   help="the pre-trained body's LR is lr × this (the new tail uses lr)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=_cmd_finetune)
 
@@ -216,6 +216,8 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="FedAvg")
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain.epochs)
     p.add_argument("--finetune-epochs", type=int, default=d.finetune.epochs)
+    p.add_argument("--smsd-body-lr-scale", type=float, default=d.smsd_body_lr_scale,
+                   help="body LR scale when SMSD's clients fine-tune the pre-trained body")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="run once per seed and report mean ± std (overrides --seed)")
@@ -240,6 +242,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         cfg, dataset=args.dataset, clients=args.clients, alpha=args.alpha,
         labeled_fraction=args.labeled_fraction, rounds=args.rounds,
         local_epochs=args.local_epochs, seed=args.seed,
+        smsd_body_lr_scale=args.smsd_body_lr_scale,
         pretrain=replace(cfg.pretrain, epochs=args.pretrain_epochs, seed=args.seed),
         finetune=replace(cfg.finetune, epochs=args.finetune_epochs, seed=args.seed))
     if args.quick:

@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,13 @@ from ..io import atomic_write_bytes, write_with
 from ..models import ClassifierTail, ViTBody, ViTConfig, vit_tiny
 from .client import Client
 from .server import PretrainConfig, Server
-from .training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
+from .training import (
+    PRETRAINED_BODY_LR_SCALE,
+    FinetuneConfig,
+    TokenClassifier,
+    accuracy,
+    train_classifier,
+)
 
 __all__ = ["MethodResult", "SimulateConfig", "default_model_config", "simulate"]
 
@@ -70,6 +76,14 @@ class SimulateConfig:
         warmup_teacher_temp=0.02, teacher_temp=0.02, koleo_weight=0.1, out_dim=1024,
         hidden_dim=256, bottleneck_dim=64, checkpoint_every=1000))
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=100))
+    # SMSD's clients fine-tune a pre-trained body: its LR is scaled down (the tail keeps
+    # the recipe's LR). Every other method trains a random body at the full LR, its best.
+    smsd_body_lr_scale: float = PRETRAINED_BODY_LR_SCALE
+
+    def __post_init__(self) -> None:
+        if not self.smsd_body_lr_scale > 0:
+            raise ValueError(f"smsd_body_lr_scale must be positive, got "
+                             f"{self.smsd_body_lr_scale!r}")
 
 
 @dataclass
@@ -153,9 +167,10 @@ def _run_smsd(cfg: SimulateConfig, data: list[ClientData], num_classes: int, wor
     body_path = work / "body.safetensors"
     body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress)
     accs = []
+    finetune = replace(cfg.finetune, body_lr_scale=cfg.smsd_body_lr_scale)
     for client, d in zip(clients, data, strict=True):
         metrics = client.finetune(body, d.labeled_images, d.labeled_labels,
-                                  num_classes=num_classes, config=cfg.finetune,
+                                  num_classes=num_classes, config=finetune,
                                   test_images=d.test_images, test_labels=d.test_labels)
         accs.append(metrics["test_accuracy"])
     up = sum(os.path.getsize(s) for s in shards) // len(shards)
@@ -295,8 +310,6 @@ def _plot(results: list[MethodResult], path: Path) -> None:
 
 def quick_config(cfg: SimulateConfig) -> SimulateConfig:
     """A seconds-long version of ``cfg`` (smoke tests, CI): tiny model, few epochs."""
-    from dataclasses import replace
-
     return replace(
         cfg, rounds=2, local_epochs=1,
         model=cfg.model.replace(embed_dim=16, depth=1, num_heads=2),
@@ -307,8 +320,6 @@ def quick_config(cfg: SimulateConfig) -> SimulateConfig:
 
 def with_seed(cfg: SimulateConfig, seed: int) -> SimulateConfig:
     """``cfg`` with every seed (split, keys, inits, shuffles) set to ``seed``."""
-    from dataclasses import replace
-
     return replace(cfg, seed=seed, pretrain=replace(cfg.pretrain, seed=seed),
                    finetune=replace(cfg.finetune, seed=seed))
 
