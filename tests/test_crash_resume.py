@@ -138,7 +138,8 @@ def _pretrain_cli(shard: Path, out: Path, *extra: str) -> list[str]:
 
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     shard = _shard(CLI_MODEL, tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    # One thread: on a shared CI machine, OpenMP threads spin and slow tiny steps 10x.
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     killed, whole = tmp_path / "killed.safetensors", tmp_path / "whole.safetensors"
     work = Path(f"{killed}.work")
@@ -152,7 +153,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     proc.kill()  # SIGKILL: no cleanup, no flush
     _, stderr = proc.communicate()
     assert running, f"the run ended before it could be killed: {stderr.decode()[-2000:]}"
-    assert checkpoint_paths(work), "no checkpoint was written before the kill"
+    assert 0 < checkpoint_paths(work)[0][0] < 40, "the kill must leave a run half done"
     assert not killed.exists()
 
     resumed = subprocess.run(_pretrain_cli(shard, killed, "--resume"), env=env,

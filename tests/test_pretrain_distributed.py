@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 from smsd.crypto import PermutationKey
 from smsd.protocol import Client, PretrainConfig, Server, load_body
+from smsd.protocol.checkpoint import checkpoint_paths, load_checkpoint
 from smsd.protocol.simulate import default_model_config
 
 # The CLI builds the same config from `--model demo --img-size 16 --in-chans 1`.
@@ -48,9 +49,9 @@ def shard(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(shard, tmp_path_factory):
     """The uninterrupted single-process run: (history, body state)."""
-    server = Server(MODEL, TRAIN)
-    body = server.pretrain([shard], work_dir=tmp_path_factory.mktemp("single"), progress=False)
-    return server.history, body.state_dict()
+    server, work = Server(MODEL, TRAIN), tmp_path_factory.mktemp("single")
+    body = server.pretrain([shard], work_dir=work, progress=False)
+    return server.history, body.state_dict(), work
 
 
 def _losses(history: list[dict]) -> torch.Tensor:
@@ -80,7 +81,7 @@ def test_two_ranks_match_single_process(shard, single, tmp_path):
     work = tmp_path / "work"
     mp.spawn(worker, args=(2, str(tmp_path / "store"), str(shard), str(work)), nprocs=2,
              join=True)
-    history, state = single
+    history, state, single_work = single
     lines = (work / "metrics.jsonl").read_text().splitlines()
     distributed = [json.loads(line) for line in lines]  # rank 0 alone wrote: one per epoch
     assert [r["epoch"] for r in distributed] == list(range(TRAIN.epochs))
@@ -88,6 +89,10 @@ def test_two_ranks_match_single_process(shard, single, tmp_path):
     body, _, _ = load_body(work / "body.st", MODEL)
     for name, value in body.state_dict().items():
         torch.testing.assert_close(value, state[name], **WEIGHT_TOL, msg=name)
+    # The DINO center moved by the mean over both ranks' rows, not rank 0's half alone.
+    center = [load_checkpoint(checkpoint_paths(w)[0][1])[1]["loss/center"]
+              for w in (work, single_work)]
+    torch.testing.assert_close(*center, **WEIGHT_TOL)
 
 
 def test_torchrun_cli(shard, single, tmp_path):
@@ -107,7 +112,7 @@ def test_torchrun_cli(shard, single, tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1 and "2 ranks" in run.stdout  # rank 0 only
-    history, state = single
+    history, state, _ = single
     lines = (Path(f"{out}.work") / "metrics.jsonl").read_text().splitlines()
     torch.testing.assert_close(_losses([json.loads(line) for line in lines]),
                                _losses(history), **LOSS_TOL)
