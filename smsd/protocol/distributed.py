@@ -91,7 +91,11 @@ def process_group_from_env(device: str) -> Iterator[Ranks]:
         return
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    backend = "gloo"
+    if torch.device(device).type == "cuda":
+        backend = "nccl"
+        # Bind the GPU before NCCL starts, so no collective lands on cuda:0 by default.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, init_method="env://")
     try:
         yield current_ranks()
