@@ -121,6 +121,25 @@ def test_resume_with_another_config_is_a_clear_error(shard, tmp_path):
     Server(MODEL, relaxed).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
 
 
+def test_checkpoint_every_steps_and_deterministic_mode(shard, monkeypatch):
+    from smsd.protocol import server as server_module
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="checkpoint_every_steps must be an int >= 0"):
+            PretrainConfig(checkpoint_every_steps=bad)
+    seen, original = [], server_module.sample_views
+
+    def sample_views(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "sample_views", sample_views)
+    assert not torch.are_deterministic_algorithms_enabled()
+    Server(MODEL, TRAIN).pretrain([shard], stop_after=1, progress=False)
+    assert seen == [True, True]  # on during the run's 2 steps...
+    assert not torch.are_deterministic_algorithms_enabled()  # ...and restored after
+
+
 # ----------------------------------------------------------------- kill -9
 CLI_MODEL = default_model_config(img_size=16, in_chans=1)  # --model demo --img-size 16
 

@@ -119,3 +119,13 @@ def test_torchrun_cli(shard, single, tmp_path):
     body, _, _ = load_body(out, MODEL)
     for name, value in body.state_dict().items():
         torch.testing.assert_close(value, state[name], **WEIGHT_TOL, msg=name)
+
+
+def test_rank_rows_split_the_global_batch():
+    from smsd.protocol.distributed import Ranks
+
+    blocks = [Ranks(rank, 4).rows(12) for rank in range(4)]
+    assert [(b.start, b.stop) for b in blocks] == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert Ranks().rows(7) == slice(0, 7) and Ranks().is_main and not Ranks().distributed
+    with pytest.raises(ValueError, match="batch size 8 is not divisible by the world size 3"):
+        Ranks(1, 3).rows(8)

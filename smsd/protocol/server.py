@@ -213,6 +213,7 @@ class Server:
         steps = n // batch  # drop the ragged last batch, as DINO's loader does
         run = _Run.build(self.config, cfg, device)
         position = _Position()
+        self.history = []  # this run's epochs (a resume restores the earlier ones)
         if resume:
             position = self._restore(work, run, device, n)
         model: torch.nn.Module = run.student
