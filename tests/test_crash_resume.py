@@ -21,7 +21,12 @@ from safetensors import safe_open
 from smsd.crypto import PermutationKey
 from smsd.models import vit_tiny
 from smsd.protocol import Client, PretrainConfig, PretrainError, Server, load_body
-from smsd.protocol.checkpoint import CHECKPOINT_FORMAT, checkpoint_paths, load_checkpoint
+from smsd.protocol.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_paths,
+    load_checkpoint,
+    save_checkpoint,
+)
 from smsd.protocol.simulate import default_model_config
 
 MODEL = vit_tiny(patch_size=4, img_size=16, in_chans=1, embed_dim=16, depth=1, num_heads=2)
@@ -101,6 +106,23 @@ def test_no_readable_checkpoint_is_an_error(shard, tmp_path):
     for _, path in checkpoint_paths(tmp_path):
         path.write_bytes(b"\x00" * 16)
     with pytest.warns(UserWarning), pytest.raises(PretrainError, match="no readable checkpoint"):
+        Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+
+
+def test_resume_checks_the_data_position(shard, tmp_path):
+    """A checkpoint that parses and passes its checksum but holds an impossible position."""
+    Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
+    (newest, latest), (mid, path) = checkpoint_paths(tmp_path)
+    assert (newest, mid) == (2, 1)
+    latest.unlink()  # resume from the mid-epoch one
+    state, tensors = load_checkpoint(path)
+    tensors["data/order"] = torch.zeros(20, dtype=torch.int64)
+    save_checkpoint(tmp_path, mid, tensors, state)
+    with pytest.raises(PretrainError, match="not a permutation of 20 images"):
+        Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+    del tensors["data/order"]
+    save_checkpoint(tmp_path, mid, tensors, state)
+    with pytest.raises(PretrainError, match="image order must be stored exactly when inside"):
         Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
 
 

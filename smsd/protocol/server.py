@@ -215,7 +215,7 @@ class Server:
         position = _Position()
         self.history = []  # this run's epochs (a resume restores the earlier ones)
         if resume:
-            position = self._restore(work, run, device, n)
+            position = self._restore(work, run, device, n, steps)
         model: torch.nn.Module = run.student
         if ranks.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -310,13 +310,8 @@ class Server:
                  "num_threads": torch.get_num_threads()}
         save_checkpoint(work, iteration, tensors, state)
 
-    def _restore(self, work: Path, run: _Run, device: torch.device, n_images: int) -> _Position:
-        """Load the newest readable checkpoint into ``run``; rewrite ``metrics.jsonl`` to
-        the epochs it holds (later lines belong to a lost future)."""
-        try:
-            path, state, tensors = load_latest_checkpoint(work)
-        except CheckpointError as exc:
-            raise PretrainError(f"cannot resume: {exc}") from None
+    def _check_compatible(self, path: Path, state: dict[str, Any], n_images: int) -> None:
+        """Refuse a checkpoint of another model, training config or data set."""
         if state.get("model_config") != self.config.to_json():
             raise PretrainError(f"checkpoint {path} is for another model config")
         stored, now = state.get("train_config"), _config_record(self.train_config)
@@ -331,6 +326,16 @@ class Server:
         if state.get("n_images") != n_images:
             raise PretrainError(f"checkpoint {path} was trained on {state.get('n_images')} "
                                 f"images; the shards given hold {n_images}")
+
+    def _restore(self, work: Path, run: _Run, device: torch.device, n_images: int,
+                 steps: int) -> _Position:
+        """Load the newest readable checkpoint into ``run``; rewrite ``metrics.jsonl`` to
+        the epochs it holds (later lines belong to a lost future)."""
+        try:
+            path, state, tensors = load_latest_checkpoint(work)
+        except CheckpointError as exc:
+            raise PretrainError(f"cannot resume: {exc}") from None
+        self._check_compatible(path, state, n_images)
         try:
             for prefix, module in (("student", run.student), ("teacher", run.teacher),
                                    ("loss", run.loss_fn)):
@@ -346,6 +351,9 @@ class Server:
             history = list(state["history"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise PretrainError(f"checkpoint {path} does not fit this run: {exc}") from None
+        problem = position.problem(self.train_config.epochs, steps, n_images)
+        if problem:
+            raise PretrainError(f"checkpoint {path} has a bad data position: {problem}")
         threads = state.get("num_threads")
         if (self.train_config.deterministic and isinstance(threads, int)
                 and threads != torch.get_num_threads()):
@@ -401,6 +409,20 @@ class _Position:
     step: int = 0
     order: torch.Tensor | None = None
     losses: list[float] = field(default_factory=list)
+
+    def problem(self, epochs: int, steps: int, n_images: int) -> str | None:
+        """Why this position cannot be one of a run of ``epochs`` × ``steps`` (or None)."""
+        if not (0 <= self.epoch <= epochs and 0 <= self.step < steps):
+            return f"epoch {self.epoch}, step {self.step} of {epochs} × {steps}"
+        if len(self.losses) != self.step:
+            return f"{len(self.losses)} losses logged for {self.step} steps"
+        if (self.order is None) != (self.step == 0):
+            return "an image order must be stored exactly when inside an epoch"
+        if self.order is not None and not (
+                self.order.dtype == torch.int64 and self.order.shape == (n_images,)
+                and torch.equal(self.order.sort().values, torch.arange(n_images))):
+            return f"the image order is not a permutation of {n_images} images"
+        return None
 
 
 @dataclass
