@@ -148,7 +148,7 @@ def test_resume_continues_exactly(tmp_path, shard):
     other = PretrainConfig(**{**TRAIN.__dict__, "lr": 1e-2})
     with pytest.raises(PretrainError, match="another training config"):
         Server(MODEL, other).pretrain([path], work_dir=tmp_path, resume=True, progress=False)
-    with pytest.raises(PretrainError, match=r"no checkpoint\.pt"):
+    with pytest.raises(PretrainError, match=r"no checkpoint \(checkpoint-\*\.safetensors\)"):
         Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path / "new", resume=True)
 
 

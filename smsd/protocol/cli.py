@@ -101,11 +101,18 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps,
+                   help="also checkpoint every this many iterations (0 = off), so that a "
+                   "killed run resumes at the exact data position")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): a resumed run matches "
+                   "an uninterrupted one")
     _model_args(p)
     p.set_defaults(func=_cmd_pretrain)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .distributed import process_group_from_env
     from .server import PretrainConfig, Server
 
     train = PretrainConfig(
@@ -116,12 +123,17 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         warmup_teacher_temp=min(args.teacher_temp, PretrainConfig().warmup_teacher_temp),
         momentum_teacher=args.momentum_teacher, koleo_weight=args.koleo_weight,
         checkpoint_every=args.checkpoint_every,
-        seed=args.seed, device=args.device)
+        seed=args.seed, device=args.device,
+        checkpoint_every_steps=args.checkpoint_every_steps, deterministic=args.deterministic)
     work = args.work_dir or f"{args.out}.work"
     server = Server(_model_config(args), train)
-    server.pretrain(args.shards, out=args.out, work_dir=work, resume=args.resume,
-                    progress=not args.no_progress)
-    print(f"wrote {args.out} (metrics and checkpoint in {work})")
+    # Under torchrun (WORLD_SIZE > 1) this process is one rank of a data-parallel job.
+    with process_group_from_env(args.device) as ranks:
+        server.pretrain(args.shards, out=args.out, work_dir=work, resume=args.resume,
+                        progress=not args.no_progress)
+    if ranks.is_main:
+        print(f"wrote {args.out} (metrics and checkpoints in {work}"
+              + (f"; {ranks.world_size} ranks" if ranks.distributed else "") + ")")
     return 0
 
 
