@@ -14,6 +14,7 @@ and logged per node.
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,8 +28,8 @@ from ..protocol.shard import SHARD_FORMAT
 from .config import FederationConfig
 from .transfer import message_bytes, pack_file, unpack_file
 
-__all__ = ["FederationError", "FederationResult", "NodeReport", "app", "make_server_app",
-           "run_protocol"]
+__all__ = ["FederationError", "FederationResult", "NodeReport", "app", "format_report",
+           "make_server_app", "run_protocol"]
 
 log = logging.getLogger("smsd.federation")
 
@@ -167,6 +168,18 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
     return FederationResult(ordered, pretrain_seconds)
 
 
+def format_report(result: FederationResult) -> str:
+    """One line per SuperNode: transfers, Flower-counted bytes, test accuracy."""
+    head = (f"{'partition':>9}{'uploads':>9}{'downloads':>11}{'bytes up':>12}"
+            f"{'bytes down':>12}{'test acc':>10}")
+    rows = [head]
+    for n in result.nodes:
+        acc = n.metrics.get("test_accuracy")
+        rows.append(f"{n.partition_id:>9}{n.uploads:>9}{n.downloads:>11}{n.bytes_up:>12}"
+                    f"{n.bytes_down:>12}{'-' if acc is None else f'{100 * acc:.2f}':>10}")
+    return "\n".join(rows)
+
+
 def make_server_app(config: FederationConfig | None = None,
                     on_result: Callable[[FederationResult], None] | None = None,
                     observe: Observer | None = None):
@@ -178,7 +191,14 @@ def make_server_app(config: FederationConfig | None = None,
     @server_app.main()
     def main(grid, context) -> None:
         cfg = config or FederationConfig.from_run_config(dict(context.run_config))
+        if not logging.getLogger().handlers and not log.handlers:
+            # `flwr run` streams this process's output; show the per-node transfer log.
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
         result = run_protocol(grid, cfg, observe=observe)
+        log.info("%s", format_report(result))
         if on_result is not None:
             on_result(result)
 

@@ -30,6 +30,8 @@ def run_flower_simulation(cfg: SimulateConfig, *, chunk_bytes: int = DEFAULT_CHU
     """
     # Flower's telemetry would try the network; nothing here needs it.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # Flower's in-memory state store sets up alembic, which logs its plugins at INFO.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from flwr.simulation import run_simulation
 
     from .client_app import make_client_app
