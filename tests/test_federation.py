@@ -193,3 +193,104 @@ def test_flower_engine_reproduces_the_local_smsd_row(federation, tmp_path):
     assert [n.shard_bytes for n in result.nodes] == [
         (tmp_path / f"client{i}.safetensors").stat().st_size for i in range(cfg.clients)]
     assert result.nodes[0].body_bytes == (tmp_path / "body.safetensors").stat().st_size
+
+
+# ------------------------------------------- sites with folders and key files
+class InProcessGrid:
+    """A Grid that hands each message to a ClientApp in this process (no Ray): the
+    deployment-mode node config (folders, key files) without starting a SuperLink."""
+
+    def __init__(self, client_app, node_configs: dict[int, dict]):
+        self.client_app, self.node_configs = client_app, node_configs
+
+    def get_node_ids(self):
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Context, Error, Message
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node],
+                              state=RecordDict(), run_config={})
+            try:
+                replies.append(self.client_app(message, context))
+            except Exception as exc:  # a SuperNode turns a failure into an error reply
+                replies.append(Message(Error(code=0, reason=str(exc)), reply_to=message))
+        return replies
+
+
+@pytest.fixture
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _image_folder(root: Path, seed: int, per_class: int = 8) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(("zero", "one")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(60 + 130 * c, 20, (32, 32)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_sites_encode_with_their_key_files_and_fine_tune(tmp_path, task_identity):
+    from smsd.crypto import PermutationKey
+    from smsd.federation.client_app import make_client_app
+    from smsd.federation.server_app import run_protocol
+
+    configs, secrets = {}, []
+    for node in (11, 22):
+        key = PermutationKey.generate()
+        key.save(tmp_path / f"site{node}.key")
+        secrets.append(key._secret)
+        data = _image_folder(tmp_path / f"site{node}", seed=node)
+        configs[node] = {"train-dir": str(data), "test-dir": str(data),
+                         "key-file": str(tmp_path / f"site{node}.key")}
+    cfg = replace(quick_config(SimulateConfig()), clients=2)
+    cfg = replace(cfg, pretrain=replace(cfg.pretrain, batch_size=8))
+    seen = []
+    result = run_protocol(InProcessGrid(make_client_app(), configs),
+                          FederationConfig(simulate=cfg, chunk_bytes=CHUNK, wait_s=5),
+                          observe=lambda way, msg: seen.append(msg))
+    assert [(n.node_id, n.uploads, n.downloads) for n in result.nodes] == [(11, 1, 1),
+                                                                          (22, 1, 1)]
+    assert all(0.0 <= n.metrics["test_accuracy"] <= 1.0 for n in result.nodes)
+    assert all(n.metrics["num-labeled"] == 16 for n in result.nodes)
+    blobs = [o.deflate() for m in seen for o in get_all_nested_objects(m).values()]
+    for secret in secrets:
+        assert not any(secret in b or secret.hex().encode() in b for b in blobs)
+
+
+def test_a_failing_site_is_named(tmp_path, task_identity):
+    from smsd.federation.client_app import make_client_app
+    from smsd.federation.server_app import FederationError, run_protocol
+
+    configs = {5: {"train-dir": str(_image_folder(tmp_path / "a", 0))}, 9: {}}
+    cfg = replace(quick_config(SimulateConfig()), clients=2)
+    with pytest.raises(FederationError, match=r"SuperNode 9 failed to encode.*has no data"):
+        run_protocol(InProcessGrid(make_client_app(), configs),
+                     FederationConfig(simulate=cfg, wait_s=5))
+    with pytest.raises(FederationError, match="only 2 of 3 SuperNodes connected"):
+        run_protocol(InProcessGrid(make_client_app(), configs),
+                     FederationConfig(simulate=replace(cfg, clients=3), wait_s=0.01))
+
+
+def test_cli_simulate_takes_an_engine():
+    from smsd.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["simulate"]).engine == "local"
+    assert parser.parse_args(["simulate", "--engine", "flower"]).engine == "flower"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["simulate", "--engine", "grpc"])

@@ -4,11 +4,13 @@ Nothing is pickled: each chunk is an :class:`flwr.app.Array` holding raw bytes, 
 :class:`flwr.app.ConfigRecord` beside it carries the kind, size, chunk count and
 SHA-256, all checked on receipt before the bytes reach the project's file readers.
 
-Why chunk: Flower's gRPC channels cap one message at ``GRPC_MAX_MESSAGE_LENGTH``
-(2 GiB − 1 in flwr 1.42) and protobuf cannot serialize any object above 2 GiB. flwr
-1.42 already ships every Array as 5 MB ``ArrayChunk`` objects, so the cap binds per
-object there; splitting files ourselves keeps large shards working without relying on
-that internal behaviour, and bounds the size of any single Array.
+Why chunk: Flower's gRPC servers cap one message at ``GRPC_MAX_MESSAGE_LENGTH``
+(2 GiB − 1 in flwr 1.42) and protobuf cannot serialize an object above 2 GiB. flwr
+1.42 already pushes every Array as separate 5 MB ``ArrayChunk`` objects
+(``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``), one object per request, so there the cap binds
+per object, not per message; splitting files ourselves (``chunk_bytes``, 256 MiB by
+default) keeps multi-GB shards within every cap without relying on that internal
+behaviour, and bounds the size of any single Array.
 """
 
 from __future__ import annotations
