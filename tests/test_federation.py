@@ -266,7 +266,7 @@ def test_sites_encode_with_their_key_files_and_fine_tune(tmp_path, task_identity
     assert [(n.node_id, n.uploads, n.downloads) for n in result.nodes] == [(11, 1, 1),
                                                                           (22, 1, 1)]
     assert all(0.0 <= n.metrics["test_accuracy"] <= 1.0 for n in result.nodes)
-    assert all(n.metrics["num-labeled"] == 16 for n in result.nodes)
+    assert all(n.metrics["num-labeled"] == 16 and n.partition_id is None for n in result.nodes)
     blobs = [o.deflate() for m in seen for o in get_all_nested_objects(m).values()]
     for secret in secrets:
         assert not any(secret in b or secret.hex().encode() in b for b in blobs)

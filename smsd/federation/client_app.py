@@ -117,8 +117,8 @@ def _encode(message, context, derived_keys: bool):
         del key
         shard = path.read_bytes()
     chunks, meta = pack_file(shard, SHARD_FORMAT, chunk_bytes)
-    site = ConfigRecord({"partition-id": _partition_id(context.node_config) or 0,
-                         "simulated": _partition_id(context.node_config) is not None})
+    pid = _partition_id(context.node_config)
+    site = ConfigRecord({} if pid is None else {"partition-id": pid})
     return Message(RecordDict({"shard": chunks, "shard.meta": meta, "site": site}),
                    reply_to=message)
 
@@ -143,7 +143,6 @@ def _finetune(message, context):
                               num_classes=data.num_classes, config=finetune,
                               test_images=data.test_images, test_labels=data.test_labels)
     metrics["num-labeled"] = int(data.labeled_labels.numel())
-    metrics["partition-id"] = _partition_id(context.node_config) or 0
     return Message(RecordDict({"metrics": MetricRecord(
         {k: float(v) if isinstance(v, float) else v for k, v in metrics.items()})}),
         reply_to=message)

@@ -45,7 +45,7 @@ class NodeReport:
     """What one SuperNode sent and received, as Flower counts it."""
 
     node_id: int
-    partition_id: int = 0
+    partition_id: int | None = None  # simulated SuperNodes only
     uploads: int = 0     # messages that carried a shard
     downloads: int = 0   # messages that carried a body
     messages_up: int = 0
@@ -136,7 +136,9 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
             report = reports[node]
             report.uploads += 1
             report.shard_bytes = len(data)
-            report.partition_id = int(content["site"]["partition-id"])
+            site = content.get("site")
+            if site is not None and "partition-id" in site:
+                report.partition_id = int(site["partition-id"])
             log.info("upload   node %d: shard %d B in %d chunk(s), message %d B", node,
                      len(data), int(content["shard.meta"]["chunks"]), report.bytes_up)
 
@@ -164,19 +166,21 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
                  node, len(body), int(meta["chunks"]), report.bytes_down - before[node],
                  {k: round(v, 4) if isinstance(v, float) else v
                   for k, v in report.metrics.items()})
-    ordered = sorted(reports.values(), key=lambda r: (r.partition_id, r.node_id))
+    ordered = sorted(reports.values(), key=lambda r: (r.partition_id or 0, r.node_id))
     return FederationResult(ordered, pretrain_seconds)
 
 
 def format_report(result: FederationResult) -> str:
     """One line per SuperNode: transfers, Flower-counted bytes, test accuracy."""
-    head = (f"{'partition':>9}{'uploads':>9}{'downloads':>11}{'bytes up':>12}"
+    head = (f"{'node':>20}{'partition':>10}{'uploads':>9}{'downloads':>11}{'bytes up':>12}"
             f"{'bytes down':>12}{'test acc':>10}")
     rows = [head]
     for n in result.nodes:
         acc = n.metrics.get("test_accuracy")
-        rows.append(f"{n.partition_id:>9}{n.uploads:>9}{n.downloads:>11}{n.bytes_up:>12}"
-                    f"{n.bytes_down:>12}{'-' if acc is None else f'{100 * acc:.2f}':>10}")
+        part = "-" if n.partition_id is None else str(n.partition_id)
+        rows.append(f"{n.node_id:>20}{part:>10}{n.uploads:>9}{n.downloads:>11}"
+                    f"{n.bytes_up:>12}{n.bytes_down:>12}"
+                    f"{'-' if acc is None else f'{100 * acc:.2f}':>10}")
     return "\n".join(rows)
 
 
