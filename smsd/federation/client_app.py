@@ -129,6 +129,9 @@ def _finetune(message, context):
     body_bytes = unpack_file(message.content.get("body"), message.content.get("body.meta"),
                              BODY_FORMAT, "the server")
     ft_record = message.content["finetune"]
+    missing = [f.name for f in fields(FinetuneConfig) if f.name not in ft_record]
+    if missing:
+        raise SmsdError(f"the server's fine-tune config lacks {missing}")
     finetune = FinetuneConfig(**{f.name: ft_record[f.name] for f in fields(FinetuneConfig)})
     with tempfile.TemporaryDirectory(prefix="smsd-node-") as tmp:
         path = Path(tmp) / "body.safetensors"

@@ -43,9 +43,15 @@ def run_flower_simulation(cfg: SimulateConfig, *, chunk_bytes: int = DEFAULT_CHU
     backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                       "init_args": {"num_cpus": num_cpus, "num_gpus": 0,
                                     "include_dashboard": False}}
-    run_simulation(server_app=server_app, client_app=make_client_app(derived_keys=derived_keys),
-                   num_supernodes=cfg.clients, backend_name="ray",
-                   backend_config=backend_config)
+    flwr_log = logging.getLogger("flwr")
+    propagate, flwr_log.propagate = flwr_log.propagate, False  # it has its own handler
+    try:
+        run_simulation(server_app=server_app,
+                       client_app=make_client_app(derived_keys=derived_keys),
+                       num_supernodes=cfg.clients, backend_name="ray",
+                       backend_config=backend_config)
+    finally:
+        flwr_log.propagate = propagate
     if not results:
         raise RuntimeError("the Flower simulation ended without a result (see the log above)")
     return results[0]
