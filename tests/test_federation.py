@@ -103,6 +103,10 @@ def test_run_config_errors_name_the_key():
         FederationConfig.from_run_config({"clients": "3"})
     with pytest.raises(ValueError, match="chunk_bytes"):
         FederationConfig.from_run_config({"chunk-bytes": 0})
+    with pytest.raises(TypeError, match="'quick' must be bool"):
+        FederationConfig.from_run_config({"quick": "true"})
+    quick = FederationConfig.from_run_config({"quick": True, "wait-s": 5})
+    assert quick.simulate.pretrain.epochs == 1 and quick.wait_s == 5.0
 
 
 # ---------------------------------------------------------------- simulation

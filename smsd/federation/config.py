@@ -67,7 +67,7 @@ class FederationConfig:
                 sim.finetune, epochs=_typed(run_config, "finetune-epochs", int)))
         sim = replace(sim, pretrain=replace(sim.pretrain, seed=seed),
                       finetune=replace(sim.finetune, seed=seed))
-        if run_config.get("quick", False) is True:
+        if _typed(run_config, "quick", bool, False):
             sim = quick_config(sim)
         return cls(simulate=sim,
                    chunk_bytes=_typed(run_config, "chunk-bytes", int, DEFAULT_CHUNK_BYTES),
@@ -87,6 +87,6 @@ def _typed(config: Mapping[str, object], key: str, kind: type, default=None):
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise TypeError(f"run config {key!r} must be {kind.__name__}, got {value!r}")
     return value
