@@ -236,6 +236,9 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="simulate-results", help="folder for JSON/CSV/PNG")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test run (seconds)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--engine", choices=("local", "flower"), default="local",
+                   help="flower: run the SMSD row through Flower's simulation engine "
+                   "(needs smsd[flower])")
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -260,12 +263,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.quick:
         cfg = quick_config(cfg)
     if args.seeds:
-        runs = simulate_seeds(cfg, args.seeds, args.out, progress=not args.no_progress)
+        runs = simulate_seeds(cfg, args.seeds, args.out, progress=not args.no_progress,
+                              engine=args.engine)
         print()
         print(format_summary(runs))
         print(f"\nsaved {args.out}/summary.json, summary.csv and seed-N/ per run")
         return 0
-    results = simulate(cfg, args.out, progress=not args.no_progress)
+    results = simulate(cfg, args.out, progress=not args.no_progress, engine=args.engine)
     print()
     print(format_table(results))
     print(f"\nsaved {args.out}/results.json, results.csv, results.png")

@@ -226,9 +226,13 @@ def _run_centralized(cfg, tokens, data, num_classes, body) -> MethodResult:
 
 
 def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
-             progress: bool = True, log: Callable[[str], None] = print) -> list[MethodResult]:
+             progress: bool = True, log: Callable[[str], None] = print,
+             engine: str = "local") -> list[MethodResult]:
     """Run the four methods; with ``out_dir``, write ``results.json``, ``results.csv`` and
-    ``results.png`` there (atomically)."""
+    ``results.png`` there (atomically). ``engine="flower"`` runs the SMSD row through
+    Flower's simulation engine (:mod:`smsd.federation`)."""
+    if engine not in ("local", "flower"):
+        raise ValueError(f"engine must be 'local' or 'flower', got {engine!r}")
     torch.manual_seed(cfg.seed)
     images, labels, num_classes = _load_dataset(cfg.dataset, cfg.model)
     data = make_clients(images, labels, cfg.clients, cfg.alpha, cfg.labeled_fraction,
@@ -242,7 +246,13 @@ def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
     body = initial_body(cfg.model, cfg.pretrain.seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="smsd-simulate-") as tmp:
-        results.append(_timed(lambda: _run_smsd(cfg, data, num_classes, Path(tmp), progress)))
+        if engine == "flower":
+            from ..federation.simulation import smsd_row
+
+            results.append(smsd_row(cfg, log_line=log))
+        else:
+            results.append(_timed(lambda: _run_smsd(cfg, data, num_classes, Path(tmp),
+                                                    progress)))
     log(_format_row(results[-1]))
     for run in (_run_finetune_only, _run_fedavg, _run_centralized):
         results.append(_timed(lambda run=run: run(cfg, tokens, data, num_classes, body)))
@@ -325,8 +335,8 @@ def with_seed(cfg: SimulateConfig, seed: int) -> SimulateConfig:
 
 
 def simulate_seeds(cfg: SimulateConfig, seeds: list[int], out_dir: str | os.PathLike | None,
-                   *, progress: bool = True,
-                   log: Callable[[str], None] = print) -> dict[int, list[MethodResult]]:
+                   *, progress: bool = True, log: Callable[[str], None] = print,
+                   engine: str = "local") -> dict[int, list[MethodResult]]:
     """:func:`simulate` once per seed; with ``out_dir``, each run's files go to
     ``seed-N/`` and the mean ± std over seeds to ``summary.json`` / ``summary.csv``."""
     if not seeds or len(set(seeds)) != len(seeds):
@@ -335,7 +345,8 @@ def simulate_seeds(cfg: SimulateConfig, seeds: list[int], out_dir: str | os.Path
     for seed in seeds:
         log(f"--- seed {seed}")
         sub = None if out_dir is None else Path(out_dir) / f"seed-{seed}"
-        runs[seed] = simulate(with_seed(cfg, seed), sub, progress=progress, log=log)
+        runs[seed] = simulate(with_seed(cfg, seed), sub, progress=progress, log=log,
+                              engine=engine)
     if out_dir is not None:
         rows = summary_rows(runs)
         atomic_write_bytes(Path(out_dir) / "summary.json", (json.dumps(

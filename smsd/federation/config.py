@@ -1,0 +1,92 @@
+"""The run's public settings, read from Flower's run config (``[tool.flwr.app.config]``).
+
+Everything here is public: the model config, the training recipes and, for the
+simulation engine only, how the bundled data set is split across virtual SuperNodes.
+Keys and data locations are per-site and live in each SuperNode's node config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from ..protocol.simulate import SimulateConfig, quick_config
+from .transfer import DEFAULT_CHUNK_BYTES
+
+__all__ = ["FederationConfig"]
+
+# run-config key → SimulateConfig field (and its type); the rest are federation settings.
+_SPLIT_KEYS = {"dataset": str, "clients": int, "alpha": float, "labeled-fraction": float,
+               "test-fraction": float, "seed": int}
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Settings of one federated run.
+
+    Attributes:
+        simulate: model, pre-training and fine-tuning recipes; ``clients`` is the number
+            of SuperNodes the server waits for; the split fields are used only by
+            simulated SuperNodes (those with a ``partition-id``).
+        chunk_bytes: largest piece a shard or body is split into (see ``transfer``).
+        wait_s: how long the server waits for ``clients`` SuperNodes to connect, and for
+            each round of replies.
+    """
+
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    wait_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) \
+                or self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive int, got {self.chunk_bytes!r}")
+        if not self.wait_s > 0:
+            raise ValueError(f"wait_s must be positive, got {self.wait_s!r}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> FederationConfig:
+        """Build from a Flower run config; unknown keys are an error (typos)."""
+        known = {*_SPLIT_KEYS, "pretrain-epochs", "finetune-epochs", "quick", "chunk-bytes",
+                 "wait-s"}
+        unknown = sorted(set(run_config) - known)
+        if unknown:
+            raise ValueError(f"run config has unknown keys {unknown}; known: {sorted(known)}")
+        sim = SimulateConfig()
+        split = {}
+        for key, kind in _SPLIT_KEYS.items():
+            if key in run_config:
+                split[key.replace("-", "_")] = _typed(run_config, key, kind)
+        sim = replace(sim, **split)
+        seed = sim.seed
+        if "pretrain-epochs" in run_config:
+            sim = replace(sim, pretrain=replace(
+                sim.pretrain, epochs=_typed(run_config, "pretrain-epochs", int)))
+        if "finetune-epochs" in run_config:
+            sim = replace(sim, finetune=replace(
+                sim.finetune, epochs=_typed(run_config, "finetune-epochs", int)))
+        sim = replace(sim, pretrain=replace(sim.pretrain, seed=seed),
+                      finetune=replace(sim.finetune, seed=seed))
+        if _typed(run_config, "quick", bool, False):
+            sim = quick_config(sim)
+        return cls(simulate=sim,
+                   chunk_bytes=_typed(run_config, "chunk-bytes", int, DEFAULT_CHUNK_BYTES),
+                   wait_s=_typed(run_config, "wait-s", float, 3600.0))
+
+    def split_record(self) -> dict[str, str | int | float]:
+        """The simulation split, as sent to SuperNodes (public)."""
+        s = self.simulate
+        return {"dataset": s.dataset, "clients": s.clients, "alpha": s.alpha,
+                "labeled-fraction": s.labeled_fraction, "test-fraction": s.test_fraction,
+                "seed": s.seed}
+
+
+def _typed(config: Mapping[str, object], key: str, kind: type, default=None):
+    if key not in config:
+        return default
+    value = config[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise TypeError(f"run config {key!r} must be {kind.__name__}, got {value!r}")
+    return value
