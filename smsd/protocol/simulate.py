@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..crypto import PermutationKey
-from ..data import ClientData, load_digits, load_image_folder, make_clients
+from ..data import ClientData, ImageSource, collect, load_digits, make_clients, make_loader
 from ..io import atomic_write_bytes, write_with
 from ..models import ClassifierTail, ViTBody, ViTConfig, vit_tiny
 from .client import Client
@@ -70,6 +70,8 @@ class SimulateConfig:
         warmup_teacher_temp=0.02, teacher_temp=0.02, koleo_weight=0.1, out_dim=1024,
         hidden_dim=256, bottleneck_dim=64, checkpoint_every=1000))
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=100))
+    # Image loader for 'folder:' data sets: "dali", "torch" or "auto" (smsd.data.make_loader).
+    loader: str = "auto"
 
 
 @dataclass
@@ -97,16 +99,18 @@ class MethodResult:
                 "client_acc": [round(100 * a, 2) for a in self.accuracies]}
 
 
-def _load_dataset(spec: str, model: ViTConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _load_dataset(spec: str, model: ViTConfig, loader: str = "auto"
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
     if spec == "digits":
         images, labels = load_digits(model.img_size)
         if model.in_chans != 1:
             images = images.expand(-1, model.in_chans, -1, -1).contiguous()
         return images, labels, 10
     if spec.startswith("folder:"):
-        images, labels, classes, _ = load_image_folder(spec[len("folder:"):], model.img_size,
-                                                       model.in_chans)
-        return images, labels, len(classes)
+        source = ImageSource.from_folder(spec[len("folder:"):])
+        batch = collect(make_loader(source, img_size=model.img_size, in_chans=model.in_chans,
+                                    loader=loader))
+        return batch.images, batch.labels, len(source.classes)
     raise ValueError(f"dataset must be 'digits' or 'folder:PATH', got {spec!r}")
 
 
@@ -215,7 +219,7 @@ def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
     """Run the four methods; with ``out_dir``, write ``results.json``, ``results.csv`` and
     ``results.png`` there (atomically)."""
     torch.manual_seed(cfg.seed)
-    images, labels, num_classes = _load_dataset(cfg.dataset, cfg.model)
+    images, labels, num_classes = _load_dataset(cfg.dataset, cfg.model, cfg.loader)
     data = make_clients(images, labels, cfg.clients, cfg.alpha, cfg.labeled_fraction,
                         cfg.test_fraction, cfg.seed)
     log(f"{cfg.dataset}: {len(labels)} images, {num_classes} classes, {cfg.clients} clients "
