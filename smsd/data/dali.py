@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch
 from .folder import DataError, read_pixels
 from .loaders import Batch, LoaderSpec
 from .source import ImageSource, shard_range
-from .transforms import MEAN, STD, to_channels
+from .transforms import MEAN, STD, channels_last
 
 __all__ = ["DaliLoader", "decoded_pipeline", "file_pipeline"]
 
@@ -91,6 +92,12 @@ class _DecodedSource:
         self.shard = np.asarray(shard_range(len(source), spec.shard_id, spec.num_shards))
         self.n_batches = spec.num_batches(len(self.shard))
         self.error: Exception | None = None
+        # Host decoding (pydicom) runs on the loader's threads, as in the torch loader.
+        self._pool = ThreadPoolExecutor(spec.num_threads)
+
+    def _read(self, index: int) -> np.ndarray:
+        return channels_last(self.source.pixels(index), self.spec.in_chans,
+                             self.source.name(index))
 
     def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if info.iteration >= self.n_batches:
@@ -102,9 +109,7 @@ class _DecodedSource:
         idx = order[info.iteration * self.spec.batch_size:
                     (info.iteration + 1) * self.spec.batch_size]
         try:
-            images = [to_channels(self.source.pixels(i), self.spec.in_chans,
-                                  self.source.name(i)).permute(1, 2, 0).contiguous().numpy()
-                      for i in idx]
+            images = list(self._pool.map(self._read, idx.tolist()))
         except Exception as exc:  # DALI re-raises it without our type: keep it
             self.error = exc
             raise

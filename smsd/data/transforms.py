@@ -24,6 +24,7 @@ import torch.nn.functional as F
 __all__ = [
     "Augment",
     "center_crop",
+    "channels_last",
     "eval_transform",
     "normalize",
     "resize",
@@ -107,18 +108,25 @@ def normalize(img: torch.Tensor) -> torch.Tensor:
     return (img - MEAN) / STD
 
 
-def to_channels(pixels: np.ndarray, in_chans: int, name: str) -> torch.Tensor:
-    """``[H, W]``/``[H, W, C]`` pixels as ``[in_chans, H, W]``: gray is repeated, color is
-    averaged for one-channel models. Raises ``ValueError`` naming ``name`` otherwise."""
-    img = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-    img = img[None] if img.dim() == 2 else img.permute(2, 0, 1)
-    if img.shape[0] == in_chans:
-        return img
-    if img.shape[0] == 1:
-        return img.expand(in_chans, -1, -1)
+def channels_last(pixels: np.ndarray, in_chans: int, name: str) -> np.ndarray:
+    """``[H, W]``/``[H, W, C]`` pixels as fp32 ``[H, W, in_chans]``: gray is repeated,
+    color is averaged for one-channel models. Raises ``ValueError`` naming ``name``
+    otherwise. (numpy: it also runs inside DALI's external-source callback, where small
+    torch ops would wait on torch's thread pool.)"""
+    img = np.asarray(pixels, dtype=np.float32)
+    img = img[..., None] if img.ndim == 2 else img
+    if img.shape[2] == in_chans:
+        return np.ascontiguousarray(img)
+    if img.shape[2] == 1:
+        return np.ascontiguousarray(np.broadcast_to(img, (*img.shape[:2], in_chans)))
     if in_chans == 1:
-        return img.mean(0, keepdim=True)
-    raise ValueError(f"image {name} has {img.shape[0]} channels, the model takes {in_chans}")
+        return img.mean(2, keepdims=True, dtype=np.float32)
+    raise ValueError(f"image {name} has {img.shape[2]} channels, the model takes {in_chans}")
+
+
+def to_channels(pixels: np.ndarray, in_chans: int, name: str) -> torch.Tensor:
+    """:func:`channels_last` as a ``[in_chans, H, W]`` tensor."""
+    return torch.from_numpy(channels_last(pixels, in_chans, name)).permute(2, 0, 1)
 
 
 def eval_transform(img: torch.Tensor, img_size: int, crop_ratio: float = 1.0) -> torch.Tensor:
