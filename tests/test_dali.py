@@ -185,3 +185,15 @@ def test_client_encodes_the_same_tokens_through_either_loader(folder, tmp_path):
     # fp16 values, one fp16 ulp (2^-10 relative) apart.
     torch.testing.assert_close(a.float(), b.float(), rtol=2**-10, atol=2**-14)
     assert np.isfinite(a.numpy()).all()
+
+
+def test_cli_encode_with_dali(folder, tmp_path, capsys):
+    from smsd.cli import main
+
+    key, shard = tmp_path / "k.key", tmp_path / "s.safetensors"
+    assert main(["keygen", "--out", str(key)]) == 0
+    assert main(["encode", "--data", str(folder), "--key", str(key), "--out", str(shard),
+                 "--img-size", "16", "--patch-size", "4", "--in-chans", "1",
+                 "--loader", "dali"]) == 0
+    out = capsys.readouterr().out
+    assert "20 images" in out and "(dali-cpu loader)" in out and shard.is_file()

@@ -252,3 +252,30 @@ def test_client_encodes_from_a_loader(folder, tmp_path):
         client.encode(loader, tmp_path / "x.safetensors", image_ids=list(source.ids))
     with pytest.raises(TypeError, match="loader"):
         client.tokens([1, 2])
+
+
+
+CLI_ARGS = {"encode": ["--data", "d", "--key", "k", "--out", "o"],
+            "finetune": ["--body", "b", "--data", "d"],
+            "evaluate": ["--model", "m", "--data", "d"],
+            "simulate": []}
+
+
+def test_cli_loader_option(folder, tmp_path, capsys):
+    from smsd.cli import build_parser, main
+    from smsd.protocol.simulate import _load_dataset, default_model_config
+
+    for command, args in CLI_ARGS.items():
+        parser = build_parser()
+        assert parser.parse_args([command, *args]).loader == "auto"
+        assert parser.parse_args([command, *args, "--loader", "torch"]).loader == "torch"
+    key, shard = tmp_path / "k.key", tmp_path / "s.safetensors"
+    assert main(["keygen", "--out", str(key)]) == 0
+    assert main(["encode", "--data", str(folder), "--key", str(key), "--out", str(shard),
+                 "--img-size", "16", "--patch-size", "4", "--in-chans", "3",
+                 "--loader", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "20 images" in out and "(torch loader)" in out and shard.is_file()
+    images, labels, n_classes = _load_dataset(f"folder:{folder}", default_model_config(16, 3),
+                                              loader="torch")
+    assert images.shape == (20, 3, 16, 16) and n_classes == 2 and labels.tolist()[-1] == 1
