@@ -197,3 +197,11 @@ def test_cli_encode_with_dali(folder, tmp_path, capsys):
                  "--loader", "dali"]) == 0
     out = capsys.readouterr().out
     assert "20 images" in out and "(dali-cpu loader)" in out and shard.is_file()
+
+
+def test_leaving_an_epoch_early_starts_the_next_one_fresh(folder):
+    source = ImageSource.from_folder(folder)
+    dali = make_loader(source, img_size=8, in_chans=1, loader="dali", batch_size=6)
+    first = next(iter(dali))
+    assert first.indices.tolist() == list(range(6))
+    assert collect(dali).indices.tolist() == list(range(20))

@@ -169,12 +169,21 @@ class DaliLoader:
     def __iter__(self) -> Iterator[Batch]:
         if len(self) == 0:  # "drop" with fewer images than one batch
             return
+        finished = False
         try:
             for (out,) in self._iterator:
                 index = out["index"].reshape(-1).to(torch.int64).cpu()
                 yield Batch(out["images"].clone(), self._labels[index], index)
+            finished = True
         except RuntimeError as exc:
+            finished = True
             raise self._data_error(exc) from None
+        finally:
+            if not finished:
+                # Left mid-epoch: DALI's iterator cannot reset there, so run it to the end
+                # and the next iteration starts a new epoch, as the torch loader's does.
+                for _ in self._iterator:
+                    pass
 
     def _data_error(self, exc: RuntimeError) -> Exception:
         """Name the file DALI could not read: the host decoder finds it."""
