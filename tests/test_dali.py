@@ -153,11 +153,12 @@ def test_in_memory_arrays_through_external_source():
     (".png", b"\x89PNG\r\n\x1a\n garbage"),
     (".jpg", b"\xff\xd8\xff garbage"),
     (".dcm", b"DICM" * 40),
+    (".jpg", None),  # a real JPEG cut short
 ])
 def test_corrupt_file_names_the_file(tmp_path, suffix, payload):
     root = write_folder(tmp_path, SIZES[:2], ("a",))
     bad = root / "a" / f"broken{suffix}"
-    bad.write_bytes(payload)
+    bad.write_bytes(payload or (root / "a" / "1.jpg").read_bytes()[:400])
     loader = make_loader(ImageSource.from_folder(root), img_size=8, in_chans=1,
                          loader="dali", batch_size=2)
     with pytest.raises(DataError, match=str(bad)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -189,9 +190,14 @@ class DaliLoader:
         """Name the file DALI could not read: the host decoder finds it."""
         if self._callback is not None and self._callback.error is not None:
             return self._callback.error
+        # DALI's message names the operator, not the file; its cause follows "encountered:".
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        cause = next((after for before, after in pairwise(lines)
+                      if before.strip() == "encountered:"), lines[0] if lines else "")
         for i in self.shard:
             try:
                 read_pixels(self.source.files[i])
             except DataError as bad:
-                return DataError(f"{bad} (DALI: {str(exc).splitlines()[0]})")
-        return DataError(f"DALI failed reading {self.source.files[0].parent.parent}: {exc}")
+                return DataError(f"{bad} (DALI: {cause})")
+        return DataError(f"DALI could not read one of the images under "
+                         f"{self.source.files[self.shard[0]].parent.parent}: {cause}")
