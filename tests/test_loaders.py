@@ -216,6 +216,7 @@ def test_loader_choice_is_logged_and_reported(folder, monkeypatch, caplog):
     (dict(dtype=torch.bfloat16), TypeError, "dtype"),
     (dict(crop_ratio=1.5), ValueError, "crop_ratio"),
     (dict(in_chans=2), ValueError, "in_chans"),
+    (dict(shard_id=0, num_shards=21), ValueError, "num_shards"),
 ])
 def test_bad_arguments(folder, options, error, match):
     args = dict(img_size=8, in_chans=1, loader="torch") | options

@@ -202,6 +202,9 @@ def make_loader(source: ImageSource, *, img_size: int, in_chans: int, mode: str 
     if not isinstance(source, ImageSource):
         raise TypeError(f"source must be an ImageSource, got {type(source).__name__}")
     spec = LoaderSpec(img_size=img_size, in_chans=in_chans, mode=mode, **options)
+    if spec.num_shards > len(source):
+        raise ValueError(f"num_shards ({spec.num_shards}) exceeds the number of images "
+                         f"({len(source)}): some shards would be empty")
     if _choose(loader) == "dali":
         from .dali import DaliLoader
 
