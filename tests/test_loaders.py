@@ -224,6 +224,12 @@ def test_bad_arguments(folder, options, error, match):
         make_loader(ImageSource.from_folder(folder), **args)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_without_a_gpu_says_so(folder):
+    with pytest.raises(BackendUnavailableError, match="no CUDA device"):
+        make_loader(ImageSource.from_folder(folder), img_size=8, in_chans=1, device="cuda")
+
+
 def test_bad_augment_and_source():
     with pytest.raises(ValueError, match="scale"):
         Augment(scale=(0.5, 0.2))

@@ -205,6 +205,9 @@ def make_loader(source: ImageSource, *, img_size: int, in_chans: int, mode: str 
     if spec.num_shards > len(source):
         raise ValueError(f"num_shards ({spec.num_shards}) exceeds the number of images "
                          f"({len(source)}): some shards would be empty")
+    if spec.cuda and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {spec.device!r} was asked for but no CUDA "
+                                      "device is visible (use device='cpu': DALI CPU-only mode)")
     if _choose(loader) == "dali":
         from .dali import DaliLoader
 
