@@ -118,7 +118,10 @@ def _status(name: str) -> BackendStatus:
 
 
 class BackendReport(dict):
-    """``{name: BackendStatus}``; prints as a table."""
+    """``{name: BackendStatus}``; prints as a table. ``loaders``: the image loaders'
+    status (:func:`smsd.data.loaders.loader_statuses`), printed as a second table."""
+
+    loaders: dict[str, BackendStatus]
 
     def __str__(self) -> str:
         width = max(len(n) for n in self)
@@ -127,13 +130,19 @@ class BackendReport(dict):
             mark = "yes" if status.available else "no"
             lines.append(f"{status.name:<{width}}  {mark:<9}  {status.detail}")
         lines.append(f"requested: {get_backend()}")
+        for status in getattr(self, "loaders", {}).values():
+            mark = "yes" if status.available else "no"
+            lines.append(f"loader {status.name:<{width}}  {mark:<9}  {status.detail}")
         return "\n".join(lines)
 
 
 def backends() -> BackendReport:
-    """Which backends can run on this machine and, for each missing one, why."""
+    """Which backends (and image loaders) can run on this machine and, for each missing
+    one, why."""
     _status.cache_clear()
-    return BackendReport((name, _status(name)) for name in _STATUS_PROBES)
+    report = BackendReport((name, _status(name)) for name in _STATUS_PROBES)
+    report.loaders = importlib.import_module("smsd.data.loaders").loader_statuses()
+    return report
 
 
 def _check_name(name: str) -> str:

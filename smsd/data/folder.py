@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import SmsdError
 
-__all__ = ["IMAGE_SUFFIXES", "DataError", "load_image_folder"]
+__all__ = ["IMAGE_SUFFIXES", "DataError", "list_image_folder", "load_image_folder", "read_pixels"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
@@ -68,8 +68,11 @@ def _read_pil(path: Path) -> np.ndarray:
         return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def read_image(path: str | os.PathLike, img_size: int, in_chans: int) -> torch.Tensor:
-    """One image as fp32 ``[in_chans, img_size, img_size]`` in [-1, 1]."""
+def read_pixels(path: str | os.PathLike) -> np.ndarray:
+    """One decoded image as fp32 in [0, 1], ``[H, W]`` or ``[H, W, C]`` (DICOM windowed).
+
+    Raises :class:`DataError` naming the file when it cannot be decoded.
+    """
     path = Path(path)
     try:
         arr = _read_dicom(path) if path.suffix.lower() == ".dcm" else _read_pil(path)
@@ -79,7 +82,13 @@ def read_image(path: str | os.PathLike, img_size: int, in_chans: int) -> torch.T
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
     if not np.isfinite(arr).all():
         raise DataError(f"image {path} has non-finite pixel values")
-    img = torch.from_numpy(np.ascontiguousarray(arr))
+    return arr
+
+
+def read_image(path: str | os.PathLike, img_size: int, in_chans: int) -> torch.Tensor:
+    """One image as fp32 ``[in_chans, img_size, img_size]`` in [-1, 1]."""
+    path = Path(path)
+    img = torch.from_numpy(np.ascontiguousarray(read_pixels(path)))
     img = img[None] if img.dim() == 2 else img.permute(2, 0, 1)
     if img.shape[0] != in_chans:
         if img.shape[0] == 1:
@@ -103,21 +112,29 @@ def load_image_folder(
     classes are the sorted subfolder names. Raises :class:`DataError` naming the folder
     or file for a missing/empty folder or an unreadable image.
     """
+    files, labels, classes = list_image_folder(root)
+    images = [read_image(path, img_size, in_chans) for path in files]
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes, files
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
+    """The image files under ``root/<class>/`` (sorted), their labels and the class names.
+
+    Raises :class:`DataError` naming the folder when it is missing or a class is empty.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"data folder {root} has no class subfolders (expected ROOT/<class>/img)")
-    images, labels, files = [], [], []
+    labels, files = [], []
     for label, name in enumerate(classes):
         found = sorted(p for p in (root / name).iterdir()
                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise DataError(f"class folder {root / name} holds no images "
                             f"({', '.join(IMAGE_SUFFIXES)})")
-        for path in found:
-            images.append(read_image(path, img_size, in_chans))
-            labels.append(label)
-            files.append(path)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes, files
+        files.extend(found)
+        labels.extend([label] * len(found))
+    return files, labels, classes

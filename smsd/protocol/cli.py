@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 
 from ..errors import SmsdError
 
@@ -45,6 +44,20 @@ def _model_config(args: argparse.Namespace):
     return config.replace(head_seed=args.head_seed, **head)
 
 
+def _loader_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
+                   help="image loader: NVIDIA DALI pipelines, or Pillow/pydicom + torch; "
+                   "auto = DALI when it imports (the choice is logged)")
+
+
+def _folder_loader(args: argparse.Namespace, config, mode: str = "eval"):
+    """A loader over ``args.data`` in the model's image size and channels."""
+    from ..data import ImageSource, make_loader
+
+    return make_loader(ImageSource.from_folder(args.data), img_size=config.img_size,
+                       in_chans=config.in_chans, mode=mode, loader=args.loader)
+
+
 # ------------------------------------------------------------------ encode
 def add_encode(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("encode", help="client: embed an image folder and write a permuted "
@@ -53,22 +66,22 @@ def add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", required=True, help="this client's key file (smsd keygen)")
     p.add_argument("--out", required=True, help="shard file to write (.safetensors)")
     _model_args(p)
+    _loader_arg(p)
     p.set_defaults(func=_cmd_encode)
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
     from ..crypto import PermutationKey
-    from ..data import load_image_folder
     from .client import Client
 
     key = PermutationKey.load(args.key)  # before reading data: fail fast on a bad key
     config = _model_config(args)
-    images, _, _, files = load_image_folder(args.data, config.img_size, config.in_chans)
-    root = Path(args.data)
-    # File paths pick each image's permutation; they stay here, not in the shard.
-    ids = [str(f.relative_to(root)) for f in files]
-    path = Client(config, key).encode(images, args.out, image_ids=ids)
-    print(f"wrote {path}: {len(files)} images × {config.n_tokens} tokens × {config.embed_dim}")
+    # The loader's ids are the file paths relative to --data: they pick each image's
+    # permutation and stay here, not in the shard.
+    loader = _folder_loader(args, config, mode="encode")
+    path = Client(config, key).encode(loader, args.out)
+    print(f"wrote {path}: {loader.num_samples} images × {config.n_tokens} tokens × "
+          f"{config.embed_dim} ({loader.name} loader)")
     return 0
 
 
@@ -153,6 +166,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--body-lr-scale", type=float, default=PRETRAINED_BODY_LR_SCALE,
                    help="the pre-trained body's LR is lr × this (the new tail uses lr)")
     p.add_argument("--seed", type=int, default=d.seed)
+    _loader_arg(p)
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -167,18 +181,18 @@ def _client_for(config, fingerprint: str, source: str):
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from ..data import load_image_folder
     from .body_io import load_body
     from .classifier_io import save_classifier
     from .training import FinetuneConfig
 
     body, config, fingerprint = load_body(args.body)
     client = _client_for(config, fingerprint, args.body)
-    images, labels, classes, _ = load_image_folder(args.data, config.img_size, config.in_chans)
+    loader = _folder_loader(args, config)
+    classes = list(loader.source.classes)
     ft = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                         freeze_body=args.freeze_body, body_lr_scale=args.body_lr_scale,
                         seed=args.seed)
-    metrics = client.finetune(body, images, labels, num_classes=len(classes), config=ft)
+    metrics = client.finetune(body, loader, num_classes=len(classes), config=ft)
     save_classifier(args.out, client.model, classes=classes, head_fingerprint=client.fingerprint)
     print(f"wrote {args.out}: train loss {metrics['train_loss']:.4f}, "
           f"train accuracy {100 * metrics['train_accuracy']:.2f}%")
@@ -190,25 +204,29 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy of a fine-tuned model on a labeled folder")
     p.add_argument("--model", required=True, help="file from smsd finetune")
     p.add_argument("--data", required=True, help="labeled image folder (ROOT/<class>/<image>)")
+    _loader_arg(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_image_folder
+    from ..data import collect
     from .classifier_io import load_classifier
     from .training import accuracy
 
     model, config, classes, fingerprint = load_classifier(args.model)
     client = _client_for(config, fingerprint, args.model)
-    images, labels, found, _ = load_image_folder(args.data, config.img_size, config.in_chans)
+    loader = _folder_loader(args, config)
+    found = list(loader.source.classes)
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise SmsdError(f"{args.data} has classes the model was not trained on: {unknown}")
     # Map this folder's label numbers onto the model's class order.
     remap = torch.tensor([classes.index(name) for name in found])
-    acc = accuracy(model, client.tokens(images), remap[labels])
+    batch = collect(loader)
+    labels = batch.labels
+    acc = accuracy(model, client.tokens(batch.images), remap[labels])
     print(f"accuracy {100 * acc:.2f}% on {len(labels)} images ({args.data})")
     return 0
 
@@ -239,6 +257,7 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("local", "flower"), default="local",
                    help="flower: run the SMSD row through Flower's simulation engine "
                    "(needs smsd[flower])")
+    _loader_arg(p)
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -256,7 +275,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = replace(
         cfg, dataset=args.dataset, clients=args.clients, alpha=args.alpha,
         labeled_fraction=args.labeled_fraction, rounds=args.rounds,
-        local_epochs=args.local_epochs, seed=args.seed,
+        local_epochs=args.local_epochs, seed=args.seed, loader=args.loader,
         smsd_body_lr_scale=args.smsd_body_lr_scale,
         pretrain=replace(cfg.pretrain, epochs=args.pretrain_epochs, seed=args.seed),
         finetune=replace(cfg.finetune, epochs=args.finetune_epochs, seed=args.seed))

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from ..crypto import ImageId, PermutationKey
+from ..data.loaders import Batch
 from ..models import ClassifierTail, PatchHead, ViTBody, ViTConfig, head_fingerprint
 from ..ops import masked_sample
 from .shard import write_shard
 from .training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
 
 __all__ = ["Client"]
+
+# A loader from smsd.data.make_loader: batches of images with labels and source indices.
+Images = torch.Tensor | Iterable[Batch]
 
 
 class Client:
@@ -39,9 +43,12 @@ class Client:
         self.model: TokenClassifier | None = None
 
     @torch.no_grad()
-    def tokens(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Head output with position embedding, in patch order: fp32 ``[n, N, D]``."""
-        if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point:
+    def tokens(self, images: Images, batch_size: int = 256) -> torch.Tensor:
+        """Head output with position embedding, in patch order: fp32 ``[n, N, D]``
+        (for a loader: in the order of its batches)."""
+        if not isinstance(images, torch.Tensor):
+            return self._loader_tokens(images)[0]
+        if not images.dtype.is_floating_point:
             raise TypeError("images must be a floating-point torch.Tensor [n, C, H, W]")
         if images.shape[0] == 0:
             raise ValueError("images is empty: there is nothing to encode")
@@ -51,16 +58,40 @@ class Client:
                           for i in range(0, images.shape[0], batch_size)])
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, out: str | os.PathLike,
+    def _loader_tokens(self, loader: Iterable[Batch]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens, labels and source indices of one epoch of a loader."""
+        if not hasattr(loader, "__iter__") or not hasattr(loader, "source"):
+            raise TypeError("images must be a floating-point torch.Tensor [n, C, H, W] or a "
+                            f"loader from smsd.data.make_loader, got {type(loader).__name__}")
+        device = next(self.head.parameters()).device
+        tokens, labels, indices = [], [], []
+        for batch in loader:
+            tokens.append(self.head(batch.images.to(device, torch.float32)))
+            labels.append(batch.labels)
+            indices.append(batch.indices)
+        if not tokens:
+            raise ValueError("the loader yielded no images: there is nothing to encode")
+        return torch.cat(tokens), torch.cat(labels), torch.cat(indices)
+
+    @torch.no_grad()
+    def encode(self, images: Images, out: str | os.PathLike,
                image_ids: Sequence[ImageId] | None = None) -> Path:
         """Embed, permute each image's tokens with the key, and write a shard to ``out``.
 
-        ``image_ids`` (default ``0..n-1``) select each image's permutation; they stay on
-        the client, the shard does not hold them.
+        ``image_ids`` (default ``0..n-1``; for a loader, its source's ids) select each
+        image's permutation; they stay on the client, the shard does not hold them.
         """
         if self.key is None:
             raise ValueError("encode needs the client's permutation key (key=None was given)")
-        tokens = self.tokens(images)
+        if isinstance(images, torch.Tensor):
+            tokens = self.tokens(images)
+        else:
+            if image_ids is not None:
+                raise ValueError("image_ids must be None with a loader: the ids are its "
+                                 "source's (loader.source.ids)")
+            tokens, _, indices = self._loader_tokens(images)
+            image_ids = [images.source.ids[i] for i in indices.tolist()]
         n, n_tokens, _ = tokens.shape
         ids = list(range(n)) if image_ids is None else list(image_ids)
         if len(ids) != n:
@@ -70,23 +101,35 @@ class Client:
         permuted = masked_sample(tokens, keep_all, perm)  # out[b, j] = tokens[b, perm[b, j]]
         return write_shard(out, permuted, head_fingerprint=self.fingerprint, grid=self.config.grid)
 
-    def finetune(self, body: ViTBody, images: torch.Tensor, labels: torch.Tensor, *,
+    def _tokens_and_labels(self, images: Images, labels: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(images, torch.Tensor):
+            if labels is None:
+                raise TypeError("labels are required with an image tensor")
+            return self.tokens(images), labels
+        if labels is not None:
+            raise ValueError("labels must be None with a loader: its batches carry them")
+        tokens, labels, _ = self._loader_tokens(images)
+        return tokens, labels
+
+    def finetune(self, body: ViTBody, images: Images, labels: torch.Tensor | None = None, *,
                  num_classes: int, config: FinetuneConfig | None = None,
-                 test_images: torch.Tensor | None = None,
+                 test_images: Images | None = None,
                  test_labels: torch.Tensor | None = None) -> dict[str, float]:
         """Attach a linear classifier to a copy of ``body`` and train on labeled images
-        (tokens in patch order). The result stays in ``self.model``.
+        (tokens in patch order; from one epoch of the loader when ``images`` is one,
+        ``labels`` then ``None``). The result stays in ``self.model``.
 
         Returns metrics: final training loss, train accuracy and, with a test set,
         test accuracy.
         """
         config = config or FinetuneConfig()
+        tokens, labels = self._tokens_and_labels(images, labels)
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
             raise TypeError("labels must be an int64 torch.Tensor")
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes}), "
                              f"got {int(labels.min())}..{int(labels.max())}")
-        tokens = self.tokens(images)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             tail = ClassifierTail(body.config.embed_dim, num_classes)
@@ -94,12 +137,13 @@ class Client:
         history = train_classifier(self.model, tokens, labels, config)
         metrics = {"train_loss": history[-1],
                    "train_accuracy": accuracy(self.model, tokens, labels)}
-        if test_images is not None and test_labels is not None:
+        if test_images is not None and (test_labels is not None
+                                        or not isinstance(test_images, torch.Tensor)):
             metrics["test_accuracy"] = self.evaluate(test_images, test_labels)
         return metrics
 
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """Accuracy of the fine-tuned model on labeled images."""
+    def evaluate(self, images: Images, labels: torch.Tensor | None = None) -> float:
+        """Accuracy of the fine-tuned model on labeled images (or a loader)."""
         if self.model is None:
             raise ValueError("call finetune before evaluate")
-        return accuracy(self.model, self.tokens(images), labels)
+        return accuracy(self.model, *self._tokens_and_labels(images, labels))

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..crypto import PermutationKey
-from ..data import ClientData, load_digits, load_image_folder, make_clients
+from ..data import ClientData, ImageSource, collect, load_digits, make_clients, make_loader
 from ..io import atomic_write_bytes, write_with
 from ..models import ClassifierTail, ViTBody, ViTConfig, vit_tiny
 from .client import Client
@@ -80,6 +80,9 @@ class SimulateConfig:
     # the recipe's LR). Every other method trains a random body at the full LR, its best.
     smsd_body_lr_scale: float = PRETRAINED_BODY_LR_SCALE
 
+    # Image loader for 'folder:' data sets: "dali", "torch" or "auto" (smsd.data.make_loader).
+    loader: str = "auto"
+
     def __post_init__(self) -> None:
         if not self.smsd_body_lr_scale > 0:
             raise ValueError(f"smsd_body_lr_scale must be positive, got "
@@ -111,16 +114,18 @@ class MethodResult:
                 "client_acc": [round(100 * a, 2) for a in self.accuracies]}
 
 
-def _load_dataset(spec: str, model: ViTConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _load_dataset(spec: str, model: ViTConfig, loader: str = "auto"
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
     if spec == "digits":
         images, labels = load_digits(model.img_size)
         if model.in_chans != 1:
             images = images.expand(-1, model.in_chans, -1, -1).contiguous()
         return images, labels, 10
     if spec.startswith("folder:"):
-        images, labels, classes, _ = load_image_folder(spec[len("folder:"):], model.img_size,
-                                                       model.in_chans)
-        return images, labels, len(classes)
+        source = ImageSource.from_folder(spec[len("folder:"):])
+        batch = collect(make_loader(source, img_size=model.img_size, in_chans=model.in_chans,
+                                    loader=loader))
+        return batch.images, batch.labels, len(source.classes)
     raise ValueError(f"dataset must be 'digits' or 'folder:PATH', got {spec!r}")
 
 
@@ -234,7 +239,7 @@ def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
     if engine not in ("local", "flower"):
         raise ValueError(f"engine must be 'local' or 'flower', got {engine!r}")
     torch.manual_seed(cfg.seed)
-    images, labels, num_classes = _load_dataset(cfg.dataset, cfg.model)
+    images, labels, num_classes = _load_dataset(cfg.dataset, cfg.model, cfg.loader)
     data = make_clients(images, labels, cfg.clients, cfg.alpha, cfg.labeled_fraction,
                         cfg.test_fraction, cfg.seed)
     log(f"{cfg.dataset}: {len(labels)} images, {num_classes} classes, {cfg.clients} clients "

@@ -1,0 +1,215 @@
+"""Batch loaders for the client: DALI pipelines or a plain torch/PIL fallback.
+
+Both yield :class:`Batch` (images ``[B, C, S, S]``, int64 labels, int64 source indices),
+have a length (batches per epoch) so that ``tqdm(loader)`` shows progress, and apply the
+same deterministic transforms (``encode`` and ``eval`` modes). :func:`make_loader`
+picks one; ``"auto"`` takes DALI when it imports, else torch, and logs which and why.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from ..backend import BackendStatus, BackendUnavailableError
+from .source import ImageSource, shard_range
+from .transforms import Augment, eval_transform, to_channels, train_transform
+
+__all__ = [
+    "LOADERS",
+    "MODES",
+    "Batch",
+    "LoaderSpec",
+    "TorchLoader",
+    "collect",
+    "loader_statuses",
+    "make_loader",
+]
+
+log = logging.getLogger("smsd")
+
+LOADERS = ("dali", "torch")
+MODES = ("encode", "finetune", "eval")
+LAST_BATCH = ("partial", "drop")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor  # positions in the source, e.g. to look up ids
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What a loader produces. ``encode``/``eval`` modes: deterministic transforms in
+    source order; ``finetune``: ``augment`` and a new order every epoch (seeded).
+    ``last_batch``: ``"partial"`` keeps a smaller last batch, ``"drop"`` drops it.
+    ``device``: ``"cpu"`` (DALI CPU-only, ``device_id=None``) or ``"cuda[:N]"`` (DALI
+    decodes with ``mixed``)."""
+
+    img_size: int
+    in_chans: int
+    mode: str = "eval"
+    batch_size: int = 64
+    shard_id: int = 0
+    num_shards: int = 1
+    last_batch: str = "partial"
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    num_threads: int = 2
+    seed: int = 0
+    crop_ratio: float = 1.0
+    augment: Augment = field(default_factory=Augment)
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "batch_size", "num_shards", "num_threads"):
+            _positive_int(name, getattr(self, name))
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) \
+                or not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"shard_id must be an int in [0, {self.num_shards}), "
+                             f"got {self.shard_id!r}")
+        if self.last_batch not in LAST_BATCH:
+            raise ValueError(f"last_batch must be one of {LAST_BATCH}, got {self.last_batch!r}")
+        if self.dtype not in (torch.float32, torch.float16):
+            raise TypeError(f"dtype must be torch.float32 or torch.float16, got {self.dtype}")
+        if not 0 < self.crop_ratio <= 1:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {self.crop_ratio!r}")
+        if not isinstance(self.augment, Augment):
+            raise TypeError(f"augment must be an Augment, got {type(self.augment).__name__}")
+        torch.device(self.device)  # raises on a malformed device string
+
+    @property
+    def cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    def num_batches(self, shard_size: int) -> int:
+        if self.last_batch == "drop":
+            return shard_size // self.batch_size
+        return -(-shard_size // self.batch_size)
+
+
+class TorchLoader:
+    """The fallback: Pillow/pydicom decoding and torch transforms on ``num_threads``
+    threads. Same interface and deterministic output as :class:`~smsd.data.dali.DaliLoader`."""
+
+    name = "torch"
+
+    def __init__(self, source: ImageSource, spec: LoaderSpec) -> None:
+        self.source, self.spec = source, spec
+        self.shard = shard_range(len(source), spec.shard_id, spec.num_shards)
+        self.epoch = 0
+        self._labels = torch.from_numpy(source.labels)
+
+    @property
+    def num_samples(self) -> int:
+        """Images one epoch yields (after a dropped last batch)."""
+        return min(len(self.shard), len(self) * self.spec.batch_size)
+
+    def __len__(self) -> int:
+        return self.spec.num_batches(len(self.shard))
+
+    def _order(self) -> torch.Tensor:
+        order = torch.tensor(self.shard, dtype=torch.int64)
+        if self.spec.mode == "finetune":
+            gen = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + self.epoch)
+            order = order[torch.randperm(len(order), generator=gen)]
+        return order
+
+    def _image(self, index: int, epoch: int) -> torch.Tensor:
+        spec = self.spec
+        img = to_channels(self.source.pixels(index), spec.in_chans, self.source.name(index))
+        if spec.mode == "finetune":
+            # Seeded per (seed, epoch, image): threads cannot change the draws.
+            gen = torch.Generator().manual_seed(hash((spec.seed, epoch, index)) & (2**62 - 1))
+            img = train_transform(img, spec.img_size, spec.augment, gen)
+        else:
+            img = eval_transform(img, spec.img_size, spec.crop_ratio)
+        return img.to(spec.dtype)
+
+    def __iter__(self) -> Iterator[Batch]:
+        spec, epoch = self.spec, self.epoch
+        order = self._order()[:self.num_samples]
+        self.epoch += 1
+        with ThreadPoolExecutor(spec.num_threads) as pool:
+            for start in range(0, len(order), spec.batch_size):
+                idx = order[start:start + spec.batch_size]
+                images = torch.stack(list(pool.map(self._image, idx.tolist(),
+                                                   [epoch] * len(idx))))
+                yield Batch(images.to(spec.device), self._labels[idx], idx)
+
+
+def collect(loader) -> Batch:
+    """One epoch of ``loader`` as a single :class:`Batch`."""
+    batches = list(loader)
+    if not batches:
+        raise ValueError("the loader yielded no batch (fewer images than one batch with "
+                         "last_batch='drop'?)")
+    return Batch(*(torch.cat(parts) for parts in zip(*batches, strict=True)))
+
+
+@functools.cache
+def _dali_status() -> BackendStatus:
+    try:
+        import nvidia.dali as dali
+    except ImportError as exc:
+        return BackendStatus("dali", False, f"DALI is not importable ({exc}); install the "
+                             "dali extra: pip install 'smsd[dali]'")
+    gpu = "cuda" if torch.cuda.is_available() else "no CUDA device: CPU-only (device_id=None)"
+    return BackendStatus("dali", True, f"nvidia-dali {dali.__version__}, {gpu}")
+
+
+def loader_statuses() -> dict[str, BackendStatus]:
+    """Which image loaders can run here and, for a missing one, why."""
+    return {"dali": _dali_status(),
+            "torch": BackendStatus("torch", True, f"Pillow/pydicom + PyTorch {torch.__version__}")}
+
+
+def _choose(loader: str) -> str:
+    if loader not in (*LOADERS, "auto"):
+        raise ValueError(f"loader must be one of dali, torch, auto; got {loader!r}")
+    dali = _dali_status()
+    if loader == "dali" and not dali.available:
+        raise BackendUnavailableError(f"loader 'dali' is unavailable: {dali.detail}")
+    if loader == "auto":
+        loader = "dali" if dali.available else "torch"
+        log.info("smsd: loader 'auto' uses %s (%s)", loader,
+                 dali.detail if dali.available else f"DALI unavailable: {dali.detail}")
+    else:
+        log.info("smsd: loader %s", loader)
+    return loader
+
+
+def make_loader(source: ImageSource, *, img_size: int, in_chans: int, mode: str = "eval",
+                loader: str = "auto", **options):
+    """A :class:`TorchLoader` or :class:`~smsd.data.dali.DaliLoader` over ``source``;
+    ``options`` are the other :class:`LoaderSpec` fields. The chosen loader is logged
+    and available as ``.name``."""
+    if not isinstance(source, ImageSource):
+        raise TypeError(f"source must be an ImageSource, got {type(source).__name__}")
+    spec = LoaderSpec(img_size=img_size, in_chans=in_chans, mode=mode, **options)
+    if spec.num_shards > len(source):
+        raise ValueError(f"num_shards ({spec.num_shards}) exceeds the number of images "
+                         f"({len(source)}): some shards would be empty")
+    if spec.cuda and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {spec.device!r} was asked for but no CUDA "
+                                      "device is visible (use device='cpu': DALI CPU-only mode)")
+    if _choose(loader) == "dali":
+        from .dali import DaliLoader
+
+        return DaliLoader(source, spec)
+    return TorchLoader(source, spec)
