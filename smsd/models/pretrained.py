@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SmsdError
+from ..safe_files import FLOAT_DTYPES, INT_DTYPES, read_safetensors
 from .config import ViTConfig
 from .vit import SplitViT
 
@@ -21,13 +22,14 @@ class CheckpointError(SmsdError, ValueError):
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        _, state = read_safetensors(path, "checkpoint", error=CheckpointError,
+                                    dtypes=FLOAT_DTYPES | INT_DTYPES)
+        return _strip_prefixes(state)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        # The one pickle smsd reads: a user's own download, never a file from a client
+        # site; weights_only=True unpickles tensors and containers only.
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any parser error means the same thing to the user
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
     # DINO checkpoints nest the weights ({"teacher": {...}}, {"model": ...}).
@@ -37,6 +39,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {path} holds non-finite values in {name!r}")
+    return _strip_prefixes(state)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state.items():
         for prefix in ("module.", "backbone."):
@@ -52,7 +61,24 @@ def _infer_config(state: dict[str, torch.Tensor], path: Path, **overrides) -> Vi
         pos = state["pos_embed"]
     except KeyError as exc:
         raise CheckpointError(f"checkpoint {path} has no {exc.args[0]} (not a ViT?)") from None
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    try:
+        fields = _architecture(state, proj, pos)
+        fields.update(overrides)
+        return ViTConfig(**fields)
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a ViT state dict this loader "
+                              f"understands: {exc!r}") from None
+
+
+def _architecture(state: dict[str, torch.Tensor], proj: torch.Tensor,
+                  pos: torch.Tensor) -> dict:
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    depth = len(blocks)
+    # The file's own block numbers set the depth: "blocks.1000000.x" must not build
+    # a million blocks.
+    if blocks != set(range(depth)) or proj.dim() != 4 or pos.dim() != 3:
+        raise ValueError("blocks must be numbered 0..depth-1, patch_embed.proj.weight 4-D "
+                         "and pos_embed 3-D")
     dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     # timm's pos_embed has a CLS position first unless the patch count is a square.
     with_cls = pos.shape[1] - 1
@@ -65,8 +91,7 @@ def _infer_config(state: dict[str, torch.Tensor], path: Path, **overrides) -> Vi
                   qkv_bias="blocks.0.attn.qkv.bias" in state)
     if "head.weight" in state:
         fields["num_classes"] = state["head.weight"].shape[0]
-    fields.update(overrides)
-    return ViTConfig(**fields)
+    return fields
 
 
 def load_pretrained(
