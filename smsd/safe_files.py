@@ -132,7 +132,7 @@ def _parse_spec(name: str, entry: object, dtypes: Collection[str], fail) -> Tens
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise fail(f"has a malformed entry for tensor {name!r}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in dtypes:
+    if not isinstance(dtype, str) or dtype not in dtypes:
         raise fail(f"holds tensor {name!r} of dtype {dtype!r}; allowed: {sorted(dtypes)}")
     if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
         raise fail(f"declares a malformed shape for tensor {name!r}: {shape!r}")

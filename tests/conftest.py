@@ -59,3 +59,28 @@ def run_without_interpreter(*args: str, timeout: float = 300) -> None:
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("triton's ptxas is not available here")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# Fuzz tests report how many cases they ran; the totals close the test output.
+FUZZ_COUNTS = pytest.StashKey[dict]()
+
+
+@pytest.fixture
+def fuzz_count(request):
+    """``fuzz_count(name, n)`` adds ``n`` cases run under ``name`` to the run's summary."""
+    counts = request.config.stash.setdefault(FUZZ_COUNTS, {})
+
+    def record(name: str, n: int) -> None:
+        counts[name] = counts.get(name, 0) + n
+        request.node.user_properties.append((f"fuzz cases: {name}", n))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    counts = config.stash.get(FUZZ_COUNTS, {})
+    if counts:
+        terminalreporter.section("fuzz cases run")
+        for name, n in sorted(counts.items()):
+            terminalreporter.write_line(f"{name:<56}{n:>9}")
+        terminalreporter.write_line(f"{'total':<56}{sum(counts.values()):>9}")

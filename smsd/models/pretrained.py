@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SmsdError
-from ..safe_files import FLOAT_DTYPES, INT_DTYPES, read_safetensors
+from ..safe_files import FLOAT_DTYPES, read_safetensors
 from .config import ViTConfig
 from .vit import SplitViT
 
@@ -24,7 +24,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         _, state = read_safetensors(path, "checkpoint", error=CheckpointError,
-                                    dtypes=FLOAT_DTYPES | INT_DTYPES)
+                                    dtypes=FLOAT_DTYPES)
         return _strip_prefixes(state)
     try:
         # The one pickle smsd reads: a user's own download, never a file from a client
@@ -114,6 +114,10 @@ def load_pretrained(
         cls = state["cls_token"]
     except KeyError as exc:
         raise CheckpointError(f"checkpoint {path} has no {exc.args[0]}") from None
+    if tuple(cls.shape) != (1, 1, config.embed_dim) or pos.dim() != 3:
+        raise CheckpointError(f"checkpoint {path}: cls_token has shape {list(cls.shape)} and "
+                              f"pos_embed {list(pos.shape)}, expected [1, 1, "
+                              f"{config.embed_dim}] and [1, N, {config.embed_dim}]")
     mapped: dict[str, torch.Tensor] = {}
     if pos.shape[1] == n + 1:
         mapped["head.pos_embed"] = pos[:, 1:]
@@ -136,7 +140,14 @@ def load_pretrained(
     missing = sorted(set(expected) - set(mapped))
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks weights for: {', '.join(missing[:5])}")
+    unexpected = sorted(set(mapped) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path} has weights this model does not have: "
+                              f"{', '.join(unexpected[:5])}")
     for name, tensor in mapped.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"checkpoint {path}: {name} has dtype {tensor.dtype}, "
+                                  "weights must be floating point")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
                 f"checkpoint {path}: {name} has shape {list(tensor.shape)}, "

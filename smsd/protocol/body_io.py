@@ -52,7 +52,8 @@ def read_model_file(
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Read a body or classifier file: header, metadata fields, format version and
     head fingerprint are checked before the tensors are read."""
-    header = safe_files.read_header(path, what, error=BodyFileError)
+    # save_body and save_classifier write fp32 only; any other dtype is not ours.
+    header = safe_files.read_header(path, what, error=BodyFileError, dtypes={"F32"})
     meta = safe_files.check_metadata(header, format=format, version=FILE_VERSION,
                                      fields=fields, kind=kind, hint=hint)
     safe_files.check_fingerprint(header, meta["head_fingerprint"])

@@ -8,6 +8,7 @@ fingerprint, grid, dtype and count. Never the key, labels, file names or image i
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ __all__ = ["SHARD_FORMAT", "SHARD_VERSION", "ShardError", "ShardInfo", "read_sha
 
 SHARD_FORMAT = "smsd-token-shard"
 SHARD_VERSION = 1
+_POSITIVE_INT = re.compile(r"[1-9][0-9]{0,9}")
 _METADATA_KEYS = {"format", "version", "head_fingerprint", "grid", "embed_dim", "dtype", "count"}
 
 
@@ -81,13 +83,13 @@ def _check(header: SafetensorsHeader, head_fingerprint: str | None, grid: int | 
         raise ShardError(f"shard {path} must hold exactly one tensor 'tokens', "
                          f"has {sorted(header.tensors)}")
     spec = header.tensors["tokens"]
-    try:
-        g, d, count = int(meta["grid"]), int(meta["embed_dim"]), int(meta["count"])
-    except ValueError:
-        raise ShardError(f"shard {path} has malformed grid/embed_dim/count metadata") from None
+    if not all(_POSITIVE_INT.fullmatch(meta[k]) for k in ("grid", "embed_dim", "count")):
+        raise ShardError(f"shard {path} has malformed grid/embed_dim/count metadata "
+                         "(positive integers, written plainly)")
+    g, d, count = int(meta["grid"]), int(meta["embed_dim"]), int(meta["count"])
     if spec.dtype != "F16" or meta["dtype"] != "float16":
         raise ShardError(f"shard {path}: tokens must be float16, header says {spec.dtype}")
-    if spec.shape != (count, g * g, d) or min(count, g, d) < 1:
+    if spec.shape != (count, g * g, d):
         raise ShardError(f"shard {path}: tokens have shape {list(spec.shape)}, metadata says "
                          f"[{count}, {g * g}, {d}]")
     if grid is not None and g != grid:
