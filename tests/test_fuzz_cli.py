@@ -130,3 +130,36 @@ def test_cli_process_huge_shape_no_traceback_within_limits(kind, site, tmp_path,
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and str(bad) in proc.stderr, proc.stderr[-2000:]
     fuzz_count("CLI processes (memory-capped)", 1)
+
+
+def test_cli_never_unpickles_files_from_other_sites(site, tmp_path, monkeypatch):
+    """Shards, bodies and models go through the safetensors reader only: with every
+    unpickler disabled, a full pretrain → finetune → evaluate still runs."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a file from another site was unpickled")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, refuse)
+    body, model = tmp_path / "body.safetensors", tmp_path / "model.safetensors"
+    assert main(["pretrain", "--shards", str(site["shard"]), "--out", str(body), "--epochs",
+                 "1", "--batch-size", "3", "--out-dim", "16", "--hidden-dim", "8",
+                 "--bottleneck-dim", "8", "--warmup-epochs", "0", "--local-keep", "0.25",
+                 "--no-progress", *MODEL_ARGS]) == 0
+    assert main(["finetune", "--body", str(body), "--data", str(site["data"]), "--out",
+                 str(model), "--epochs", "1"]) == 0
+    assert main(["evaluate", "--model", str(model), "--data", str(site["data"])]) == 0
+
+
+def test_only_allowed_modules_can_unpickle():
+    """``torch.load``/``pickle`` appear only where the files are the user's own: pretrained
+    weights (``weights_only=True``) and the server's local checkpoints."""
+    allowed = {"smsd/models/pretrained.py", "smsd/protocol/checkpoint.py"}
+    users = set()
+    for path in (ROOT / "smsd").rglob("*.py"):
+        text = path.read_text()
+        if any(call in text for call in ("torch.load(", "pickle.load", "Unpickler(")):
+            users.add(str(path.relative_to(ROOT)))
+            assert "weights_only=True" in text, path
+    assert users <= allowed, sorted(users - allowed)

@@ -27,8 +27,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                                     dtypes=FLOAT_DTYPES)
         return _strip_prefixes(state)
     try:
-        # The one pickle smsd reads: a user's own download, never a file from a client
-        # site; weights_only=True unpickles tensors and containers only.
+        # Pickled weights are a user's own download, never a file from a client site
+        # (those are safetensors only); weights_only=True unpickles tensors and containers.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any parser error means the same thing to the user
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
