@@ -32,6 +32,7 @@ import torch
 from .errors import SmsdError
 
 __all__ = [
+    "ALL_DTYPES",
     "FLOAT_DTYPES",
     "INT_DTYPES",
     "MAX_HEADER_BYTES",
@@ -52,10 +53,11 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8,
+    "U8": torch.uint8, "BOOL": torch.bool,
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 INT_DTYPES = frozenset({"I64", "I32", "I16", "I8", "U8"})
+ALL_DTYPES = frozenset(_DTYPES)
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
@@ -265,6 +267,12 @@ def _read_one(handle, header: SafetensorsHeader, spec: TensorSpec) -> torch.Tens
     buffer = bytearray(n_bytes)  # bounded by the file's real size (checked tiling)
     if handle.readinto(buffer) != n_bytes:
         raise header.fail("changed while it was being read (short read)")
+    if dtype == torch.bool:
+        # A bool byte other than 0/1 is undefined behaviour in torch: refuse it.
+        raw = torch.frombuffer(buffer, dtype=torch.uint8)
+        if int(raw.max()) > 1:
+            raise header.fail(f"holds bool tensor {spec.name!r} with bytes other than 0/1")
+        return raw.view(torch.bool).reshape(spec.shape)
     # safetensors is little-endian, as is every platform torch supports here.
     return torch.frombuffer(buffer, dtype=dtype).reshape(spec.shape)
 

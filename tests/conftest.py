@@ -80,7 +80,13 @@ def fuzz_count(request):
 def pytest_terminal_summary(terminalreporter, config) -> None:
     counts = config.stash.get(FUZZ_COUNTS, {})
     if counts:
+        # "kind (target)" names are summed per kind, the targets listed after the count.
+        groups: dict[str, dict[str, int]] = {}
+        for name, n in counts.items():
+            kind, _, target = name.partition(" (")
+            groups.setdefault(kind, {})[target.rstrip(")")] = n
         terminalreporter.section("fuzz cases run")
-        for name, n in sorted(counts.items()):
-            terminalreporter.write_line(f"{name:<56}{n:>9}")
-        terminalreporter.write_line(f"{'total':<56}{sum(counts.values()):>9}")
+        for kind, parts in sorted(groups.items()):
+            detail = ", ".join(f"{t} {n}" for t, n in sorted(parts.items()) if t)
+            terminalreporter.write_line(f"{kind:<40}{sum(parts.values()):>8}  {detail}")
+        terminalreporter.write_line(f"{'total':<40}{sum(counts.values()):>8}")

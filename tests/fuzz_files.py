@@ -15,6 +15,7 @@ from smsd.errors import SmsdError
 from smsd.models import ClassifierTail, SplitViT, ViTBody, ViTConfig, load_pretrained
 from smsd.models.pretrained import CheckpointError
 from smsd.protocol.body_io import BodyFileError, load_body, save_body
+from smsd.protocol.body_io import read_safetensors as read_any_dtype
 from smsd.protocol.classifier_io import load_classifier, save_classifier
 from smsd.protocol.shard import ShardError, read_shard, write_shard
 from smsd.protocol.training import TokenClassifier
@@ -38,6 +39,8 @@ LOADERS = {
     "classifier": Loader("classifier", load_classifier, BodyFileError),
     "pretrained": Loader("pretrained", lambda p: load_pretrained(p, num_heads=2), CheckpointError),
     "safetensors": Loader("safetensors", lambda p: read_safetensors(p, "file"), SafeFileError),
+    # What other modules call: every dtype allowed (bool and integer state too).
+    "any dtype": Loader("any dtype", lambda p: read_any_dtype(p, "file"), BodyFileError),
 }
 
 
@@ -68,6 +71,9 @@ def make_valid_files(folder: Path) -> dict[str, Path]:
     files["pretrained"] = folder / "pretrained.safetensors"
     save_file(_timm_state(SplitViT(CONFIG)), str(files["pretrained"]))
     files["safetensors"] = files["body"]
+    files["any dtype"] = folder / "state.safetensors"
+    save_file({"step": torch.tensor([3]), "rng": torch.arange(16, dtype=torch.uint8),
+               "mask": torch.tensor([True, False]), "x": torch.randn(4)}, str(files["any dtype"]))
     return files
 
 
@@ -101,7 +107,8 @@ def huge_shape(data: bytes, tensor: int, elements: int = 2**40) -> bytes:
     header, body = split(data)
     names = tensor_names(header)
     spec = header[names[tensor % len(names)]]
-    itemsize = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}[spec["dtype"]]
+    itemsize = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1}[spec["dtype"]]
     spec["shape"] = [elements]
     spec["data_offsets"] = [spec["data_offsets"][0], spec["data_offsets"][0] + elements * itemsize]
     return join(header, body)
@@ -109,10 +116,11 @@ def huge_shape(data: bytes, tensor: int, elements: int = 2**40) -> bytes:
 
 def poison(data: bytes, tensor: int, position: int, value: float) -> bytes:
     """Overwrite one value of one float tensor with ``value`` (NaN, ±inf)."""
+    formats = {"F16": ("<e", 2), "F32": ("<f", 4), "F64": ("<d", 8)}
     header, body = split(data)
-    names = tensor_names(header)
+    names = [n for n in tensor_names(header) if header[n]["dtype"] in formats]
     spec = header[names[tensor % len(names)]]
-    fmt, size = {"F16": ("<e", 2), "F32": ("<f", 4), "F64": ("<d", 8)}[spec["dtype"]]
+    fmt, size = formats[spec["dtype"]]
     begin, end = spec["data_offsets"]
     if end == begin:
         return data

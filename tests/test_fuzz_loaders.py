@@ -35,8 +35,8 @@ SETTINGS = hypothesis.settings(
     deadline=timedelta(seconds=10),  # a hang shows up as a deadline error
     suppress_health_check=list(hypothesis.HealthCheck),
 )
-# The generic reader accepts any well-formed safetensors file, so a consistent lie
-# (a reshaped tensor, a different float dtype) can be valid for it.
+# The generic readers accept any well-formed safetensors file, so a consistent lie
+# (a reshaped tensor, a different float dtype) can be valid for them.
 STRICT = ("shard", "body", "classifier", "pretrained")
 
 

@@ -132,3 +132,25 @@ def test_count_non_finite_across_chunks(monkeypatch):
     assert count_non_finite(tensor) == 2
     assert count_non_finite(torch.arange(5)) == 0
     assert set(FLOAT_DTYPES) == {"F64", "F32", "F16", "BF16"}
+
+
+def test_integer_and_bool_tensors_when_allowed(tmp_path):
+    from smsd.protocol.body_io import BodyFileError
+    from smsd.protocol.body_io import read_safetensors as read_any
+
+    tensors = {"step": torch.tensor([7], dtype=torch.int64), "rng": torch.arange(9).to(torch.uint8),
+               "mask": torch.tensor([True, False, True]), "x": torch.randn(2, 3)}
+    path = tmp_path / "state.safetensors"
+    path.write_bytes(save(tensors))
+    _, loaded = read_any(path, "checkpoint")
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor), name
+    with pytest.raises(BodyFileError, match="dtype 'I64'"):
+        read_any(path, "checkpoint", dtypes=FLOAT_DTYPES)
+    data = bytearray(path.read_bytes())
+    header_end = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
+    begin = json.loads(bytes(data[8:header_end]))["mask"]["data_offsets"][0]
+    data[header_end + begin] = 2  # a bool byte that is neither 0 nor 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(BodyFileError, match="other than 0/1"):
+        read_any(path, "checkpoint")

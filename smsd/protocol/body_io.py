@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,11 +40,15 @@ def save_body(path: str | os.PathLike, body: ViTBody, *, head_fingerprint: str) 
 
 
 def read_safetensors(
-    path: Path, what: str
+    path: Path, what: str, *, dtypes: Collection[str] = safe_files.ALL_DTYPES,
+    finite: bool = True,
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a float safetensors file, checked by
-    :func:`smsd.safe_files.read_safetensors`; ``what`` names it in errors."""
-    return safe_files.read_safetensors(path, what, error=BodyFileError)
+    """``(metadata, tensors)`` of a safetensors file, checked by
+    :func:`smsd.safe_files.read_safetensors` (any dtype it knows unless ``dtypes``
+    narrows them; float values finite unless ``finite=False``); ``what`` names it in
+    errors, which are :class:`BodyFileError`."""
+    return safe_files.read_safetensors(path, what, error=BodyFileError, dtypes=dtypes,
+                                       finite=finite)
 
 
 def read_model_file(
