@@ -154,3 +154,25 @@ def test_integer_and_bool_tensors_when_allowed(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(BodyFileError, match="other than 0/1"):
         read_any(path, "checkpoint")
+
+
+def test_a_body_config_cannot_ask_for_a_bigger_model(tmp_path):
+    """The config in a body file's metadata is bounded by the weights the file holds,
+    so a lying config (depth 10**6, width 10**5) builds nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from smsd.models import ViTBody, ViTConfig
+    from smsd.protocol.body_io import BodyFileError, load_body, save_body
+
+    config = ViTConfig(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2)
+    path = save_body(tmp_path / "b.safetensors", ViTBody(config), head_fingerprint="ab" * 32)
+    assert load_body(path)[1] == config
+    header = json.loads(path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
+    meta = header["__metadata__"]
+    for lie in (dict(depth=10**6), dict(embed_dim=10**5, num_heads=1), dict(mlp_ratio=1e30),
+                dict(depth=2), dict(embed_dim=16)):
+        lying = {**meta, "model_config": config.replace(**lie).to_json()}
+        bad = tmp_path / "lying.safetensors"
+        save_file(load_file(str(path)), str(bad), metadata=lying)
+        with pytest.raises(BodyFileError, match=f"{bad}.*(larger than|does not fit)"):
+            load_body(bad)

@@ -91,7 +91,9 @@ def build_model(factory: Callable[[], M], config: ViTConfig, state: dict[str, to
     size is bounded first, then names and shapes are compared on the meta device.
     """
     held = sum(t.numel() for t in state.values())
-    hidden = config.embed_dim * config.mlp_ratio
+    # A lower bound of a block's weights (qkv, proj, fc1, fc2); -1 covers the rounding
+    # of the MLP width.
+    hidden = config.embed_dim * config.mlp_ratio - 1
     smallest = config.depth * (4 * config.embed_dim**2 + 2 * config.embed_dim * hidden)
     if config.depth > len(state) or not smallest <= held:
         raise BodyFileError(f"{what} {path} declares a model larger than the "
