@@ -59,3 +59,34 @@ def run_without_interpreter(*args: str, timeout: float = 300) -> None:
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("triton's ptxas is not available here")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# Fuzz tests report how many cases they ran; the totals close the test output.
+FUZZ_COUNTS = pytest.StashKey[dict]()
+
+
+@pytest.fixture
+def fuzz_count(request):
+    """``fuzz_count(name, n)`` adds ``n`` cases run under ``name`` to the run's summary."""
+    counts = request.config.stash.setdefault(FUZZ_COUNTS, {})
+
+    def record(name: str, n: int) -> None:
+        counts[name] = counts.get(name, 0) + n
+        request.node.user_properties.append((f"fuzz cases: {name}", n))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    counts = config.stash.get(FUZZ_COUNTS, {})
+    if counts:
+        # "kind (target)" names are summed per kind, the targets listed after the count.
+        groups: dict[str, dict[str, int]] = {}
+        for name, n in counts.items():
+            kind, _, target = name.partition(" (")
+            groups.setdefault(kind, {})[target.rstrip(")")] = n
+        terminalreporter.section("fuzz cases run")
+        for kind, parts in sorted(groups.items()):
+            detail = ", ".join(f"{t} {n}" for t, n in sorted(parts.items()) if t)
+            terminalreporter.write_line(f"{kind:<40}{sum(parts.values()):>8}  {detail}")
+        terminalreporter.write_line(f"{'total':<40}{sum(counts.values()):>8}")

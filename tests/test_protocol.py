@@ -163,7 +163,7 @@ def test_pretrain_config_validation():
 
 def test_body_file_errors(tmp_path):
     body = ViTBody(MODEL)
-    path = save_body(tmp_path / "b.safetensors", body, head_fingerprint="x")
+    path = save_body(tmp_path / "b.safetensors", body, head_fingerprint="ab" * 32)
     with pytest.raises(BodyFileError, match="another model config"):
         load_body(path, MODEL.replace(depth=2))
     with pytest.raises(BodyFileError, match="does not exist"):

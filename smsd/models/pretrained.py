@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SmsdError
+from ..safe_files import FLOAT_DTYPES, read_safetensors
 from .config import ViTConfig
 from .vit import SplitViT
 
@@ -21,13 +22,14 @@ class CheckpointError(SmsdError, ValueError):
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        _, state = read_safetensors(path, "checkpoint", error=CheckpointError,
+                                    dtypes=FLOAT_DTYPES)
+        return _strip_prefixes(state)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        # Pickled weights are a user's own download, never a file from a client site
+        # (those are safetensors only); weights_only=True unpickles tensors and containers.
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any parser error means the same thing to the user
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
     # DINO checkpoints nest the weights ({"teacher": {...}}, {"model": ...}).
@@ -37,6 +39,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {path} holds non-finite values in {name!r}")
+    return _strip_prefixes(state)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state.items():
         for prefix in ("module.", "backbone."):
@@ -52,7 +61,24 @@ def _infer_config(state: dict[str, torch.Tensor], path: Path, **overrides) -> Vi
         pos = state["pos_embed"]
     except KeyError as exc:
         raise CheckpointError(f"checkpoint {path} has no {exc.args[0]} (not a ViT?)") from None
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    try:
+        fields = _architecture(state, proj, pos)
+        fields.update(overrides)
+        return ViTConfig(**fields)
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a ViT state dict this loader "
+                              f"understands: {exc!r}") from None
+
+
+def _architecture(state: dict[str, torch.Tensor], proj: torch.Tensor,
+                  pos: torch.Tensor) -> dict:
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    depth = len(blocks)
+    # The file's own block numbers set the depth: "blocks.1000000.x" must not build
+    # a million blocks.
+    if blocks != set(range(depth)) or proj.dim() != 4 or pos.dim() != 3:
+        raise ValueError("blocks must be numbered 0..depth-1, patch_embed.proj.weight 4-D "
+                         "and pos_embed 3-D")
     dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     # timm's pos_embed has a CLS position first unless the patch count is a square.
     with_cls = pos.shape[1] - 1
@@ -65,8 +91,7 @@ def _infer_config(state: dict[str, torch.Tensor], path: Path, **overrides) -> Vi
                   qkv_bias="blocks.0.attn.qkv.bias" in state)
     if "head.weight" in state:
         fields["num_classes"] = state["head.weight"].shape[0]
-    fields.update(overrides)
-    return ViTConfig(**fields)
+    return fields
 
 
 def load_pretrained(
@@ -89,6 +114,10 @@ def load_pretrained(
         cls = state["cls_token"]
     except KeyError as exc:
         raise CheckpointError(f"checkpoint {path} has no {exc.args[0]}") from None
+    if tuple(cls.shape) != (1, 1, config.embed_dim) or pos.dim() != 3:
+        raise CheckpointError(f"checkpoint {path}: cls_token has shape {list(cls.shape)} and "
+                              f"pos_embed {list(pos.shape)}, expected [1, 1, "
+                              f"{config.embed_dim}] and [1, N, {config.embed_dim}]")
     mapped: dict[str, torch.Tensor] = {}
     if pos.shape[1] == n + 1:
         mapped["head.pos_embed"] = pos[:, 1:]
@@ -111,7 +140,14 @@ def load_pretrained(
     missing = sorted(set(expected) - set(mapped))
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks weights for: {', '.join(missing[:5])}")
+    unexpected = sorted(set(mapped) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path} has weights this model does not have: "
+                              f"{', '.join(unexpected[:5])}")
     for name, tensor in mapped.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"checkpoint {path}: {name} has dtype {tensor.dtype}, "
+                                  "weights must be floating point")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
                 f"checkpoint {path}: {name} has shape {list(tensor.shape)}, "

@@ -108,8 +108,11 @@ def _check_cu_values(cu_seqlens: torch.Tensor, total: int) -> None:
 def _max_seqlen(cu_seqlens: torch.Tensor, given: int | None) -> int:
     """The longest packed sequence: computed (a sync) unless given; a given value is
     checked while validation is on, since kernels size their grid by it."""
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int)
+                              or given < 0):
+        raise ValueError(f"max_seqlen must be a non-negative int or None, got {given!r}")
     if given is not None and not validation_enabled():
-        return int(given)
+        return given
     longest = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
     if given is not None and given < longest:
         raise ValueError(f"max_seqlen={given} is shorter than the longest sequence ({longest})")

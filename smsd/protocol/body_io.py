@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
+from .. import safe_files
 from ..errors import SmsdError
 from ..io import write_with
 from ..models import ViTBody, ViTConfig
 
-__all__ = ["BODY_FORMAT", "BodyFileError", "load_body", "save_body"]
+__all__ = ["BODY_FORMAT", "BodyFileError", "load_body", "read_safetensors", "save_body"]
 
 BODY_FORMAT = "smsd-vit-body"
+FILE_VERSION = "1"
+_BODY_FIELDS = frozenset({"format", "version", "model_config", "head_fingerprint"})
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 class BodyFileError(SmsdError, ValueError):
@@ -26,28 +32,36 @@ def save_body(path: str | os.PathLike, body: ViTBody, *, head_fingerprint: str) 
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
              for k, v in body.state_dict().items()}
-    metadata = {"format": BODY_FORMAT, "version": "1", "model_config": body.config.to_json(),
-                "head_fingerprint": head_fingerprint}
+    metadata = {"format": BODY_FORMAT, "version": FILE_VERSION,
+                "model_config": body.config.to_json(), "head_fingerprint": head_fingerprint}
     path = Path(path)
     write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return path
 
 
 def read_safetensors(
-    path: Path, what: str
+    path: Path, what: str, *, dtypes: Collection[str] = safe_files.ALL_DTYPES,
+    finite: bool = True,
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a safetensors file; ``what`` names it in errors."""
-    from safetensors import SafetensorError, safe_open
+    """``(metadata, tensors)`` of a safetensors file, checked by
+    :func:`smsd.safe_files.read_safetensors` (any dtype it knows unless ``dtypes``
+    narrows them; float values finite unless ``finite=False``); ``what`` names it in
+    errors, which are :class:`BodyFileError`."""
+    return safe_files.read_safetensors(path, what, error=BodyFileError, dtypes=dtypes,
+                                       finite=finite)
 
-    if not path.is_file():
-        raise BodyFileError(f"{what} {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
-        raise BodyFileError(f"{what} {path} cannot be read: {exc}") from None
-    return meta, state
+
+def read_model_file(
+    path: Path, what: str, *, format: str, fields: frozenset[str], kind: str, hint: str = ""
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Read a body or classifier file: header, metadata fields, format version and
+    head fingerprint are checked before the tensors are read."""
+    # save_body and save_classifier write fp32 only; any other dtype is not ours.
+    header = safe_files.read_header(path, what, error=BodyFileError, dtypes={"F32"})
+    meta = safe_files.check_metadata(header, format=format, version=FILE_VERSION,
+                                     fields=fields, kind=kind, hint=hint)
+    safe_files.check_fingerprint(header, meta["head_fingerprint"])
+    return meta, safe_files.read_tensors(header)
 
 
 def load_body(path: str | os.PathLike,
@@ -57,18 +71,46 @@ def load_body(path: str | os.PathLike,
     With ``config`` given, the file must have been trained for that same config.
     """
     path = Path(path)
-    meta, state = read_safetensors(path, "body file")
-    if meta.get("format") != BODY_FORMAT:
-        raise BodyFileError(f"{path} is not a smsd body file (format {meta.get('format')!r})")
+    meta, state = read_model_file(path, "body file", format=BODY_FORMAT, fields=_BODY_FIELDS,
+                                  kind="smsd body file")
     try:
-        stored = ViTConfig.from_json(meta.get("model_config", ""))
+        stored = ViTConfig.from_json(meta["model_config"])
     except (ValueError, TypeError) as exc:
         raise BodyFileError(f"body file {path} has a bad model config: {exc}") from None
     if config is not None and (stored.replace(num_classes=0) != config.replace(num_classes=0)):
         raise BodyFileError(f"body file {path} was trained for another model config: {stored}")
-    body = ViTBody(stored)
+    body = build_model(lambda: ViTBody(stored), stored, state, path, "body file")
+    return body, stored, meta["head_fingerprint"]
+
+
+def build_model(factory: Callable[[], M], config: ViTConfig, state: dict[str, torch.Tensor],
+                path: Path, what: str) -> M:
+    """``factory()`` with ``state`` loaded; the file must hold exactly the model's tensors.
+
+    A file's config cannot make us build a model bigger than the weights it holds: the
+    size is bounded first, then names and shapes are compared on the meta device.
+    """
+    held = sum(t.numel() for t in state.values())
+    # A lower bound of a block's weights (qkv, proj, fc1, fc2); -1 covers the rounding
+    # of the MLP width.
+    hidden = config.embed_dim * config.mlp_ratio - 1
+    smallest = config.depth * (4 * config.embed_dim**2 + 2 * config.embed_dim * hidden)
+    if config.depth > len(state) or not smallest <= held:
+        raise BodyFileError(f"{what} {path} declares a model larger than the "
+                            f"{held} weights it holds")
     try:
-        body.load_state_dict(state)
-    except RuntimeError as exc:
-        raise BodyFileError(f"body file {path} does not fit its config: {exc}") from None
-    return body, stored, meta.get("head_fingerprint", "")
+        with torch.device("meta"):
+            expected = factory().state_dict()
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BodyFileError(f"{what} {path} has a bad model config: {exc}") from None
+    if set(state) != set(expected):
+        odd = sorted(set(state) ^ set(expected))
+        raise BodyFileError(f"{what} {path} does not fit its config: tensors {odd[:5]} "
+                            "are missing or unexpected")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise BodyFileError(f"{what} {path} does not fit its config: {name} has shape "
+                                f"{list(tensor.shape)}, expected {list(expected[name].shape)}")
+    model = factory()
+    model.load_state_dict(state)
+    return model

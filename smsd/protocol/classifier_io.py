@@ -10,12 +10,13 @@ import torch
 
 from ..io import write_with
 from ..models import ClassifierTail, ViTBody, ViTConfig
-from .body_io import BodyFileError, read_safetensors
+from .body_io import FILE_VERSION, BodyFileError, build_model, read_model_file
 from .training import TokenClassifier
 
 __all__ = ["CLASSIFIER_FORMAT", "load_classifier", "save_classifier"]
 
 CLASSIFIER_FORMAT = "smsd-vit-classifier"
+_FIELDS = frozenset({"format", "version", "model_config", "classes", "head_fingerprint"})
 
 
 def save_classifier(path: str | os.PathLike, model: TokenClassifier, *, classes: list[str],
@@ -24,7 +25,7 @@ def save_classifier(path: str | os.PathLike, model: TokenClassifier, *, classes:
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
              for k, v in model.state_dict().items()}
-    metadata = {"format": CLASSIFIER_FORMAT, "version": "1",
+    metadata = {"format": CLASSIFIER_FORMAT, "version": FILE_VERSION,
                 "model_config": model.body.config.to_json(), "classes": json.dumps(classes),
                 "head_fingerprint": head_fingerprint}
     path = Path(path)
@@ -35,15 +36,18 @@ def save_classifier(path: str | os.PathLike, model: TokenClassifier, *, classes:
 def load_classifier(path: str | os.PathLike) -> tuple[TokenClassifier, ViTConfig, list[str], str]:
     """→ ``(model, model config, class names, head fingerprint)``."""
     path = Path(path)
-    meta, state = read_safetensors(path, "model file")
-    if meta.get("format") != CLASSIFIER_FORMAT:
-        raise BodyFileError(f"{path} is not a smsd classifier file (format "
-                            f"{meta.get('format')!r}); fine-tune a body first")
+    meta, state = read_model_file(path, "model file", format=CLASSIFIER_FORMAT, fields=_FIELDS,
+                                  kind="smsd classifier file", hint="; fine-tune a body first")
     try:
         config = ViTConfig.from_json(meta["model_config"])
         classes = json.loads(meta["classes"])
-        model = TokenClassifier(ViTBody(config), ClassifierTail(config.embed_dim, len(classes)))
-        model.load_state_dict(state)
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise BodyFileError(f"model file {path} is malformed: {exc}") from None
-    return model.eval(), config, classes, meta.get("head_fingerprint", "")
+    if (not isinstance(classes, list) or not classes
+            or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes)):
+        raise BodyFileError(f"model file {path} has malformed class names (a list of "
+                            "distinct strings is expected)")
+    model = build_model(
+        lambda: TokenClassifier(ViTBody(config), ClassifierTail(config.embed_dim, len(classes))),
+        config, state, path, "model file")
+    return model.eval(), config, classes, meta["head_fingerprint"]

@@ -7,8 +7,8 @@ fingerprint, grid, dtype and count. Never the key, labels, file names or image i
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +16,20 @@ import torch
 
 from ..errors import SmsdError
 from ..io import write_with
+from ..safe_files import (
+    FLOAT_DTYPES,
+    SafetensorsHeader,
+    check_fingerprint,
+    check_metadata,
+    read_header,
+    read_tensors,
+)
 
 __all__ = ["SHARD_FORMAT", "SHARD_VERSION", "ShardError", "ShardInfo", "read_shard", "write_shard"]
 
 SHARD_FORMAT = "smsd-token-shard"
 SHARD_VERSION = 1
+_POSITIVE_INT = re.compile(r"[1-9][0-9]{0,9}")
 _METADATA_KEYS = {"format", "version", "head_fingerprint", "grid", "embed_dim", "dtype", "count"}
 
 
@@ -58,61 +67,30 @@ def write_shard(path: str | os.PathLike, tokens: torch.Tensor, *, head_fingerpri
     return path
 
 
-def _header(path: Path) -> dict:
-    """The safetensors JSON header, parsed without loading the tensors."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(8)
-            if len(raw) != 8:
-                raise ShardError(f"shard {path} is truncated (no safetensors header)")
-            size = int.from_bytes(raw, "little")
-            if size > 100_000_000:
-                raise ShardError(f"shard {path} is not a safetensors file (header size {size})")
-            header = json.loads(handle.read(size))
-    except FileNotFoundError:
-        raise ShardError(f"shard {path} does not exist") from None
-    except IsADirectoryError:
-        raise ShardError(f"shard {path} is a folder, not a shard file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ShardError(f"shard {path} is not a safetensors file (bad header)") from None
-    if not isinstance(header, dict):
-        raise ShardError(f"shard {path} is not a safetensors file (bad header)")
-    return header
-
-
-def inspect_shard(path: str | os.PathLike, *, head_fingerprint: str | None = None,
-                  grid: int | None = None, embed_dim: int | None = None) -> ShardInfo:
-    """Check a shard's metadata and tensor header against the expected model (cheap)."""
-    path = Path(path)
-    header = _header(path)
-    meta = header.get("__metadata__") or {}
-    if meta.get("format") != SHARD_FORMAT:
-        raise ShardError(f"shard {path} is not a smsd token shard (format {meta.get('format')!r})")
-    if meta.get("version") != str(SHARD_VERSION):
-        raise ShardError(f"shard {path} has version {meta.get('version')!r}; "
-                         f"this smsd reads version {SHARD_VERSION}")
-    if set(meta) != _METADATA_KEYS:
-        raise ShardError(f"shard {path} has unexpected metadata fields "
-                         f"{sorted(set(meta) ^ _METADATA_KEYS)}")
+def _check(header: SafetensorsHeader, head_fingerprint: str | None, grid: int | None,
+           embed_dim: int | None) -> ShardInfo:
+    path = header.path
+    meta = check_metadata(header, format=SHARD_FORMAT, version=str(SHARD_VERSION),
+                          fields=_METADATA_KEYS, kind="smsd token shard")
+    check_fingerprint(header, meta["head_fingerprint"])
     if head_fingerprint is not None and meta["head_fingerprint"] != head_fingerprint:
         raise ShardError(
             f"shard {path} was encoded with a different head (fingerprint "
             f"{meta['head_fingerprint'][:16]}…, expected {head_fingerprint[:16]}…): "
             "the client used another model config or checkpoint"
         )
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    if set(tensors) != {"tokens"}:
+    if set(header.tensors) != {"tokens"}:
         raise ShardError(f"shard {path} must hold exactly one tensor 'tokens', "
-                         f"has {sorted(tensors)}")
-    spec = tensors["tokens"]
-    try:
-        g, d, count = int(meta["grid"]), int(meta["embed_dim"]), int(meta["count"])
-    except ValueError:
-        raise ShardError(f"shard {path} has malformed grid/embed_dim/count metadata") from None
-    if spec.get("dtype") != "F16" or meta["dtype"] != "float16":
-        raise ShardError(f"shard {path}: tokens must be float16, header says {spec.get('dtype')}")
-    if spec.get("shape") != [count, g * g, d] or count < 1:
-        raise ShardError(f"shard {path}: tokens have shape {spec.get('shape')}, metadata says "
+                         f"has {sorted(header.tensors)}")
+    spec = header.tensors["tokens"]
+    if not all(_POSITIVE_INT.fullmatch(meta[k]) for k in ("grid", "embed_dim", "count")):
+        raise ShardError(f"shard {path} has malformed grid/embed_dim/count metadata "
+                         "(positive integers, written plainly)")
+    g, d, count = int(meta["grid"]), int(meta["embed_dim"]), int(meta["count"])
+    if spec.dtype != "F16" or meta["dtype"] != "float16":
+        raise ShardError(f"shard {path}: tokens must be float16, header says {spec.dtype}")
+    if spec.shape != (count, g * g, d):
+        raise ShardError(f"shard {path}: tokens have shape {list(spec.shape)}, metadata says "
                          f"[{count}, {g * g}, {d}]")
     if grid is not None and g != grid:
         raise ShardError(f"shard {path} has a {g}×{g} grid, the model has {grid}×{grid}")
@@ -121,18 +99,20 @@ def inspect_shard(path: str | os.PathLike, *, head_fingerprint: str | None = Non
     return ShardInfo(path, meta["head_fingerprint"], g, d, count)
 
 
+def _read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    # All dtypes are parsed so that a float32 shard is named as such, not as garbage.
+    return read_header(path, "shard", error=ShardError, dtypes=FLOAT_DTYPES)
+
+
+def inspect_shard(path: str | os.PathLike, *, head_fingerprint: str | None = None,
+                  grid: int | None = None, embed_dim: int | None = None) -> ShardInfo:
+    """Check a shard's header and metadata against the expected model (reads no tokens)."""
+    return _check(_read_header(path), head_fingerprint, grid, embed_dim)
+
+
 def read_shard(path: str | os.PathLike, *, head_fingerprint: str | None = None,
                grid: int | None = None, embed_dim: int | None = None) -> torch.Tensor:
     """Validate and load a shard's tokens (fp16 ``[n, N, D]``); all values must be finite."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    info = inspect_shard(path, head_fingerprint=head_fingerprint, grid=grid, embed_dim=embed_dim)
-    try:
-        tokens = load_file(str(info.path))["tokens"]
-    except (SafetensorError, OSError) as exc:
-        raise ShardError(f"shard {info.path} cannot be read: {exc}") from None
-    if not torch.isfinite(tokens).all():
-        bad = int((~torch.isfinite(tokens)).sum())
-        raise ShardError(f"shard {info.path} holds {bad} non-finite token values")
-    return tokens
+    header = _read_header(path)
+    _check(header, head_fingerprint, grid, embed_dim)
+    return read_tensors(header)["tokens"]
