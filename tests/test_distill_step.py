@@ -127,3 +127,49 @@ def test_option_errors():
     with pytest.raises(TypeError, match="fused_head_loss=True needs loss_fn"):
         DistillStep(student, teacher, lambda *a: None, optimizer, packed=True,
                     fused_head_loss=True)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_plain_step():
+    """torch.compile of the blocks (Inductor on CPU: minutes on 2 cores, hence slow)."""
+    expected = run_steps(2, dict(packed=False), steps=1)
+    assert_same(run_steps(2, dict(FAST_PATHS["all"], compile_blocks=True), steps=1), expected)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_run(options, steps=2, sync_check=False):
+    """Steps on CUDA in fp32 (no autocast), with fused AdamW; with ``sync_check`` every
+    step after the first (which builds the cached packing layout) must not synchronize."""
+    student, teacher = make_models()
+    student, teacher = student.cuda(), teacher.cuda()
+    loss_fn = DINOLoss(OUT_DIM, len(KEEP), 0.04, 0.07, 2, 3).cuda()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
+    step = DistillStep(student, teacher, loss_fn, optimizer, autocast_dtype=None, **options)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(3, CONFIG.n_tokens, CONFIG.embed_dim, device="cuda", generator=gen)
+    losses = []
+    for epoch in range(steps):
+        views = sample_views(3, CONFIG.n_tokens, KEEP, generator=gen, device="cuda")
+        schedule = StepSchedule(epoch=epoch, lr=1e-3, weight_decay=0.04, momentum=0.9)
+        if sync_check and epoch > 0:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            losses.append(step(x, views, schedule))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return torch.stack(losses), student, teacher, loss_fn.center
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fast_step_on_gpu_is_sync_free_and_matches():
+    """The fast step never waits for the GPU (the server can queue steps back to back)
+    and gives the plain step's result. AdamW's first steps divide by sqrt(v): loose
+    relative tolerance on weights (fp32, TF32 off by default)."""
+    got = cuda_run(FAST_PATHS["all"], sync_check=True)
+    expected = cuda_run(dict(packed=False))
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(got[1].parameters(), expected[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
