@@ -12,7 +12,7 @@ from smsd.bench.train_step import PHASES
 from smsd.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ["smsd", "smsd-unfused", "torch-eager", "torch-loop"]
+VARIANTS = ["smsd", "smsd+ckpt", "smsd-unfused", "torch-eager", "torch-loop"]
 
 
 def check_report(report: dict, variants: list[str]) -> None:

@@ -7,8 +7,9 @@ backward, AdamW (fused on CUDA), EMA and center updates. Variants:
 
 * ``smsd``: DistillStep with packed varlen attention, one fused gather of all views and
   the fused head + loss (``fused_linear_dino_loss``); ``smsd+compile`` also compiles
-  the transformer blocks; ``smsd-unfused``: DistillStep with only ``packed=True`` (what
-  the server ran before this benchmark).
+  the transformer blocks; ``smsd+ckpt`` checkpoints the first ``--checkpoint-blocks``
+  student blocks (activation memory for time); ``smsd-unfused``: DistillStep with only
+  ``packed=True`` (what the server ran before this benchmark).
 * ``torch-eager``: the anchor's step (``/work/shared/anchors/anchors_vit.py``): timm-style
   blocks with SDPA, views of one size batched together, eager DINO loss.
 * ``torch-compile``: the same with ``torch.compile`` on body and head (static shapes).
@@ -66,7 +67,8 @@ PRESETS = {
                    4, out_dim=1024, hidden_dim=128, bottleneck_dim=32),
     "cpu_small": Preset(vit_tiny(), 8, out_dim=16384, hidden_dim=512, bottleneck_dim=128),
 }
-VARIANTS = ("smsd", "smsd+compile", "smsd-unfused", "torch-eager", "torch-compile", "torch-loop")
+VARIANTS = ("smsd", "smsd+compile", "smsd+ckpt", "smsd-unfused", "torch-eager",
+            "torch-compile", "torch-loop")
 DEFAULT_VARIANTS = ("smsd", "smsd-unfused", "torch-eager", "torch-compile", "torch-loop")
 
 Mark = Callable[[str], None]
@@ -200,7 +202,7 @@ def _adamw(params, device: torch.device) -> torch.optim.Optimizer:
 
 
 # ---------------------------------------------------------------- variants
-def _build(variant: str, preset: Preset, device: torch.device):
+def _build(variant: str, preset: Preset, device: torch.device, checkpoint_blocks: int):
     """``step(x, index, schedule, mark)`` for one variant, on freshly seeded models."""
     torch.manual_seed(0)
     cfg = preset.config
@@ -215,7 +217,8 @@ def _build(variant: str, preset: Preset, device: torch.device):
     fast = variant != "smsd-unfused"
     step = DistillStep(student, teacher, loss_fn, _adamw(student.parameters(), device),
                        packed=True, fused_gather=fast, fused_head_loss=fast,
-                       compile_blocks=variant == "smsd+compile")
+                       compile_blocks=variant == "smsd+compile",
+                       checkpoint_blocks=checkpoint_blocks if variant == "smsd+ckpt" else 0)
 
     def run(x, index, schedule, mark: Mark):
         step.on_phase = mark
@@ -234,10 +237,10 @@ def _no_mark(_phase: str) -> None:
 
 
 def measure(variant: str, preset: Preset, device: torch.device, *, steps: int,
-            warmup: int) -> dict:
+            warmup: int, checkpoint_blocks: int = 0) -> dict:
     """Median step time, img/s, peak memory and the phase breakdown of one variant."""
     cfg = preset.config
-    step = _build(variant, preset, device)
+    step = _build(variant, preset, device, min(checkpoint_blocks, cfg.depth))
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(preset.batch, cfg.n_tokens, cfg.embed_dim, device=device, generator=gen)
     schedule = StepSchedule(epoch=0, lr=1e-4, weight_decay=0.04, momentum=0.996)
@@ -304,18 +307,20 @@ def _breakdown(one: Callable[[Mark], torch.Tensor], device: torch.device,
 
 
 def run_preset(name: str, device: torch.device, variants: Sequence[str], *, steps: int,
-               warmup: int, echo: Callable[[str], None] = print) -> dict:
+               warmup: int, checkpoint_blocks: int = 0,
+               echo: Callable[[str], None] = print) -> dict:
     preset = PRESETS[name]
     cfg = preset.config
     sizes = [round(k * cfg.n_tokens) for k in KEEP]
     result = {"preset": name, "batch": preset.batch, "embed_dim": cfg.embed_dim,
               "depth": cfg.depth, "n_tokens": cfg.n_tokens, "view_tokens": sizes,
-              "out_dim": preset.out_dim, "rows": []}
+              "out_dim": preset.out_dim, "checkpoint_blocks": checkpoint_blocks, "rows": []}
     echo(f"## {name}: B={preset.batch}, D={cfg.embed_dim}, depth {cfg.depth}, views "
          f"2x{sizes[0]} + {len(sizes) - 2}x{sizes[-1]} tokens, {preset.out_dim}-way head")
     echo(f"{'variant':<15}{'ms':>10}{'img/s':>10}{'peak GiB':>10}  phases (ms, synced pass)")
     for variant in variants:
-        row = measure(variant, preset, device, steps=steps, warmup=warmup)
+        row = measure(variant, preset, device, steps=steps, warmup=warmup,
+                      checkpoint_blocks=checkpoint_blocks)
         result["rows"].append(row)
         peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
         phases = " ".join(f"{p}={t:.1f}" for p, t in row["phases_ms"].items())
@@ -339,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeatable; default vit_small and vit_base on cuda, tiny on cpu")
     p.add_argument("--tiny", action="store_true", help="same as --preset tiny")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
+    p.add_argument("--checkpoint-blocks", type=int, default=9,
+                   help="student blocks smsd+ckpt recomputes in the backward pass (default 9 "
+                   "of 12: ViT-S/B activations from ~30 GiB to ~12 GiB)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -347,9 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, "
-                         f"{args.warmup}")
+    if args.steps < 1 or args.warmup < 0 or args.checkpoint_blocks < 0:
+        raise ValueError(f"--steps must be >= 1, --warmup and --checkpoint-blocks >= 0, got "
+                         f"{args.steps}, {args.warmup}, {args.checkpoint_blocks}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is visible")
@@ -360,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {"environment": env, "phases": list(PHASES), "steps": args.steps,
               "results": [run_preset(name, device, args.variants, steps=args.steps,
                                      warmup=args.warmup,
+                                     checkpoint_blocks=args.checkpoint_blocks,
                                      echo=lambda s: print(s, flush=True))
                           for name in presets]}
     if args.json:

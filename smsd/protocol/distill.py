@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..models import DINOHead, ViTBody
 from ..nn import DINOLoss
@@ -93,17 +94,27 @@ def pack_views(x: torch.Tensor, index: Sequence[torch.Tensor]) -> PackedViews:
     return PackedViews(x, rows, layout.cu_seqlens, layout.max_seqlen, layout.cls_rows)
 
 
-def packed_cls_features(body: ViTBody, views: PackedViews) -> torch.Tensor:
+def packed_cls_features(body: ViTBody, views: PackedViews,
+                        checkpoint_blocks: int = 0) -> torch.Tensor:
     """The body's CLS features ``[V * B, D]`` (view-major) of packed views: one gather,
-    one varlen attention call per block. Equal to ``body.forward_views(views)``."""
+    one varlen attention call per block. Equal to ``body.forward_views(views)``.
+
+    The first ``checkpoint_blocks`` blocks keep only their input for the backward pass
+    and run their forward again there (activation checkpointing): at ViT-S scale each
+    block's saved activations take ~36 bytes per token and channel, its input 4.
+    """
     x = views.tokens
     dim = x.shape[-1]
     # A plain row gather, not masked_sample: an image's views together hold more than N
     # tokens, and the CLS row must be gathered too (its gradient flows back through it).
     table = torch.cat([x.reshape(-1, dim), body.cls_token.reshape(1, dim).to(x.dtype)])
     tokens = table.index_select(0, views.rows)
-    for block in body.blocks:
-        tokens = block(tokens, cu_seqlens=views.cu_seqlens, max_seqlen=views.max_seqlen)
+    for i, block in enumerate(body.blocks):
+        if i < checkpoint_blocks and torch.is_grad_enabled():
+            tokens = checkpoint(block, tokens, cu_seqlens=views.cu_seqlens,
+                                max_seqlen=views.max_seqlen, use_reentrant=False)
+        else:
+            tokens = block(tokens, cu_seqlens=views.cu_seqlens, max_seqlen=views.max_seqlen)
     # LayerNorm is per token: normalizing only the CLS rows gives the same features.
     return body.norm(tokens.index_select(0, views.cls_rows))
 
@@ -117,13 +128,15 @@ class StudentModel(nn.Module):
         self.head = head
 
     def forward(self, views: Sequence[torch.Tensor] | PackedViews, packed: bool,
-                return_features: bool = False, *, fused_head: bool = False):
+                return_features: bool = False, *, fused_head: bool = False,
+                checkpoint_blocks: int = 0):
         """Head outputs of every view (view-major rows), and the body's CLS features with
         ``return_features``. With ``fused_head`` the output is ``(bottleneck, weight)``:
         the head's normalized bottleneck and its last layer's weight, for
-        :func:`~smsd.ops.fused_linear_dino_loss`."""
+        :func:`~smsd.ops.fused_linear_dino_loss`. ``checkpoint_blocks``: see
+        :func:`packed_cls_features` (packed views only)."""
         if isinstance(views, PackedViews):
-            features = packed_cls_features(self.body, views)
+            features = packed_cls_features(self.body, views, checkpoint_blocks)
         else:
             features = self.body.forward_views(views, packed=packed)
         if fused_head:
@@ -175,6 +188,9 @@ class DistillStep:
             :func:`~smsd.ops.fused_linear_dino_loss` (the logits are never stored).
         compile_blocks: ``torch.compile`` every transformer block of student and teacher
             (static shapes), in place.
+        checkpoint_blocks: recompute the first this many student blocks in the backward
+            pass instead of storing their activations (less memory, one more forward of
+            those blocks); needs ``fused_gather``.
         on_phase: called with each name of :data:`PHASES` as that part of the step ends
             (for a timing breakdown; ``None`` in training).
     """
@@ -184,11 +200,17 @@ class DistillStep:
                  clip_grad: float = 0.0,
                  autocast_dtype: torch.dtype | None = torch.bfloat16,
                  fused_gather: bool = False, fused_head_loss: bool = False,
-                 compile_blocks: bool = False,
+                 compile_blocks: bool = False, checkpoint_blocks: int = 0,
                  on_phase: Callable[[str], None] | None = None) -> None:
         if fused_gather and not packed:
             raise ValueError("fused_gather=True lays views out as one packed batch: it needs "
                              "packed=True")
+        if isinstance(checkpoint_blocks, bool) or not isinstance(checkpoint_blocks, int) \
+                or checkpoint_blocks < 0:
+            raise ValueError(f"checkpoint_blocks must be an int >= 0, got {checkpoint_blocks!r}")
+        if checkpoint_blocks and not fused_gather:
+            raise ValueError("checkpoint_blocks applies to the packed layout of "
+                             "fused_gather=True; set fused_gather=True")
         if fused_head_loss and not isinstance(loss_fn, DINOLoss):
             raise TypeError("fused_head_loss=True needs loss_fn to be a smsd.nn.DINOLoss, got "
                             f"{type(loss_fn).__name__}")
@@ -202,6 +224,7 @@ class DistillStep:
         self.autocast_dtype = autocast_dtype
         self.fused_gather = fused_gather
         self.fused_head_loss = fused_head_loss
+        self.checkpoint_blocks = checkpoint_blocks
         self.on_phase = on_phase
         module = getattr(student, "module", student)  # unwrap DDP
         self._student_params = list(module.parameters())
@@ -240,6 +263,8 @@ class DistillStep:
             with torch.no_grad():
                 teacher_out = self.teacher(teacher_in, self.packed, **extra)
             self._mark("teacher_fwd")
+            if self.checkpoint_blocks:
+                extra["checkpoint_blocks"] = self.checkpoint_blocks
             student_out, features = self.student(student_in, self.packed,
                                                  return_features=True, **extra)
             self._mark("student_fwd")
