@@ -205,3 +205,13 @@ def test_checkpointed_blocks_save_less_for_backward():
     full, half, none = saved_bytes(0), saved_bytes(1), saved_bytes(2)
     assert none < half < full
     assert none < 0.4 * full
+
+
+def test_pack_views_errors():
+    x = torch.randn(2, 10, 4)
+    with pytest.raises(ValueError, match="index must hold at least one view"):
+        pack_views(x, [])
+    with pytest.raises(ValueError, match=r"index\[1\] must be \[B=2, k\]"):
+        pack_views(x, [torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long)])
+    with pytest.raises(ValueError, match="x must be"):
+        pack_views(x[0], [torch.zeros(2, 3, dtype=torch.long)])

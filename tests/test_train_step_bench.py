@@ -34,7 +34,7 @@ def test_benchmark_script_tiny(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "benchmarks/train_step.py", "--tiny", "--steps", "2", "--warmup", "1",
-         "--variants", *VARIANTS, "--json", str(out)],
+         "--interleave", "--threads", "1", "--variants", *VARIANTS, "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "img/s" in proc.stdout

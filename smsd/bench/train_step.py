@@ -62,10 +62,10 @@ class Preset:
 PRESETS = {
     "vit_small": Preset(vit_small(), 256),
     "vit_base": Preset(vit_base(), 128),
-    # CPU sizes: "tiny" for CI (seconds), "cpu_small" a ViT-Ti/16 with a real-size head
+    # CPU sizes: "tiny" for CI (seconds), "cpu_small" a ViT-Ti/16 with a 16,384-way head
     "tiny": Preset(ViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2),
                    4, out_dim=1024, hidden_dim=128, bottleneck_dim=32),
-    "cpu_small": Preset(vit_tiny(), 8, out_dim=16384, hidden_dim=512, bottleneck_dim=128),
+    "cpu_small": Preset(vit_tiny(), 4, out_dim=16384, hidden_dim=512, bottleneck_dim=128),
 }
 VARIANTS = ("smsd", "smsd+compile", "smsd+ckpt", "smsd-unfused", "torch-eager",
             "torch-compile", "torch-loop")
@@ -236,43 +236,89 @@ def _no_mark(_phase: str) -> None:
     pass
 
 
+class _Bench:
+    """One variant, built on freshly seeded models, with its own data and view draws."""
+
+    def __init__(self, variant: str, preset: Preset, device: torch.device,
+                 checkpoint_blocks: int) -> None:
+        cfg = preset.config
+        self.variant, self.preset, self.device = variant, preset, device
+        self.step = _build(variant, preset, device, min(checkpoint_blocks, cfg.depth))
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.x = torch.randn(preset.batch, cfg.n_tokens, cfg.embed_dim, device=device,
+                             generator=self.gen)
+        self.schedule = StepSchedule(epoch=0, lr=1e-4, weight_decay=0.04, momentum=0.996)
+        self.times: list[float] = []
+        self.phases = _PhaseTimer(device)
+        self.loss = torch.zeros(())
+
+    def one(self, mark: Mark = _no_mark) -> torch.Tensor:
+        cfg = self.preset.config
+        index = sample_views(self.preset.batch, cfg.n_tokens, KEEP, generator=self.gen,
+                             device=self.device)
+        self.loss = self.step(self.x, index, self.schedule, mark)
+        return self.loss
+
+    def timed(self) -> None:
+        """One step timed as a whole (CUDA events on a GPU)."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.one()
+            end.record()
+            end.synchronize()
+            self.times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            self.one()
+            self.times.append((time.perf_counter() - t0) * 1e3)
+
+    def timed_phases(self) -> None:
+        """One step with the device synchronized at every phase boundary."""
+        self.phases.start()
+        self.one(self.phases)
+
+    def row(self, peak_gib: float | None) -> dict:
+        ms = statistics.median(self.times)
+        return {"variant": self.variant, "ms": ms, "img_per_s": self.preset.batch / ms * 1e3,
+                "peak_gib": peak_gib, "loss": float(self.loss),
+                "phases_ms": {p: statistics.median(t) for p, t in self.phases.times.items()
+                              if t}}
+
+
 def measure(variant: str, preset: Preset, device: torch.device, *, steps: int,
             warmup: int, checkpoint_blocks: int = 0) -> dict:
-    """Median step time, img/s, peak memory and the phase breakdown of one variant."""
-    cfg = preset.config
-    step = _build(variant, preset, device, min(checkpoint_blocks, cfg.depth))
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(preset.batch, cfg.n_tokens, cfg.embed_dim, device=device, generator=gen)
-    schedule = StepSchedule(epoch=0, lr=1e-4, weight_decay=0.04, momentum=0.996)
-
-    def one(mark: Mark = _no_mark) -> torch.Tensor:
-        index = sample_views(preset.batch, cfg.n_tokens, KEEP, generator=gen, device=device)
-        return step(x, index, schedule, mark)
-
+    """Median step time, img/s, peak memory (CUDA: everything allocated, as
+    ``max_memory_allocated`` reports it) and the phase breakdown of one variant."""
+    bench = _Bench(variant, preset, device, checkpoint_blocks)
     for _ in range(warmup):
-        one()
+        bench.one()
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
     for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = one()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            loss = one()
-            times.append((time.perf_counter() - t0) * 1e3)
+        bench.timed()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    final_loss = float(loss)
-    phases = _breakdown(one, device, steps)
-    ms = statistics.median(times)
-    return {"variant": variant, "ms": ms, "img_per_s": preset.batch / ms * 1e3,
-            "peak_gib": peak, "loss": final_loss, "phases_ms": phases}
+    for _ in range(steps):
+        bench.timed_phases()
+    return bench.row(peak)
+
+
+def measure_interleaved(variants: Sequence[str], preset: Preset, device: torch.device, *,
+                        steps: int, warmup: int, checkpoint_blocks: int = 0) -> list[dict]:
+    """All variants at once, one step of each in turn: on a shared machine whose load
+    drifts, every variant sees the same conditions. No peak memory (all are resident)."""
+    benches = [_Bench(v, preset, device, checkpoint_blocks) for v in variants]
+    for _ in range(warmup):
+        for bench in benches:
+            bench.one()
+    for _ in range(steps):
+        for bench in benches:
+            bench.timed()
+    for _ in range(steps):
+        for bench in benches:
+            bench.timed_phases()
+    return [bench.row(None) for bench in benches]
 
 
 class _PhaseTimer:
@@ -295,36 +341,35 @@ class _PhaseTimer:
         self.last = now
 
 
-def _breakdown(one: Callable[[Mark], torch.Tensor], device: torch.device,
-               steps: int) -> dict[str, float]:
-    """Median time of each phase, with the device synchronized at every boundary (a
-    separate pass: the syncs slow the step down)."""
-    timer = _PhaseTimer(device)
-    for _ in range(steps):
-        timer.start()
-        one(timer)
-    return {p: statistics.median(t) for p, t in timer.times.items() if t}
+def _echo_row(row: dict, echo: Callable[[str], None]) -> None:
+    peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
+    phases = " ".join(f"{p}={t:.1f}" for p, t in row["phases_ms"].items())
+    echo(f"{row['variant']:<15}{row['ms']:>10.1f}{row['img_per_s']:>10.1f}{peak:>10}  {phases}")
 
 
 def run_preset(name: str, device: torch.device, variants: Sequence[str], *, steps: int,
-               warmup: int, checkpoint_blocks: int = 0,
+               warmup: int, checkpoint_blocks: int = 0, interleave: bool = False,
                echo: Callable[[str], None] = print) -> dict:
     preset = PRESETS[name]
     cfg = preset.config
     sizes = [round(k * cfg.n_tokens) for k in KEEP]
     result = {"preset": name, "batch": preset.batch, "embed_dim": cfg.embed_dim,
               "depth": cfg.depth, "n_tokens": cfg.n_tokens, "view_tokens": sizes,
-              "out_dim": preset.out_dim, "checkpoint_blocks": checkpoint_blocks, "rows": []}
+              "out_dim": preset.out_dim, "checkpoint_blocks": checkpoint_blocks,
+              "interleaved": interleave, "rows": []}
     echo(f"## {name}: B={preset.batch}, D={cfg.embed_dim}, depth {cfg.depth}, views "
          f"2x{sizes[0]} + {len(sizes) - 2}x{sizes[-1]} tokens, {preset.out_dim}-way head")
     echo(f"{'variant':<15}{'ms':>10}{'img/s':>10}{'peak GiB':>10}  phases (ms, synced pass)")
-    for variant in variants:
+    if interleave:
+        result["rows"] = measure_interleaved(variants, preset, device, steps=steps,
+                                             warmup=warmup, checkpoint_blocks=checkpoint_blocks)
+        for row in result["rows"]:
+            _echo_row(row, echo)
+    for variant in variants if not interleave else ():
         row = measure(variant, preset, device, steps=steps, warmup=warmup,
                       checkpoint_blocks=checkpoint_blocks)
         result["rows"].append(row)
-        peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
-        phases = " ".join(f"{p}={t:.1f}" for p, t in row["phases_ms"].items())
-        echo(f"{variant:<15}{row['ms']:>10.1f}{row['img_per_s']:>10.1f}{peak:>10}  {phases}")
+        _echo_row(row, echo)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -349,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "of 12: ViT-S/B activations from ~30 GiB to ~12 GiB)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--interleave", action="store_true",
+                   help="time all variants round-robin (a shared CPU whose load drifts); "
+                   "no peak memory")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier on a busy host")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     return p
 
@@ -361,6 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is visible")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     presets = ["tiny"] if args.tiny else args.preset
     presets = presets or (["vit_small", "vit_base"] if device.type == "cuda" else ["tiny"])
     env = environment(device)
@@ -369,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "results": [run_preset(name, device, args.variants, steps=args.steps,
                                      warmup=args.warmup,
                                      checkpoint_blocks=args.checkpoint_blocks,
+                                     interleave=args.interleave,
                                      echo=lambda s: print(s, flush=True))
                           for name in presets]}
     if args.json:

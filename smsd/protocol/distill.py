@@ -11,7 +11,10 @@ single row gather (the CLS token rides along as one more row), so the step needs
 per-view copies and no host-built ``cu_seqlens``; ``fused_head_loss``
 runs the head's last layer inside :func:`~smsd.ops.fused_linear_dino_loss`, so the
 ``[views x B, 65536]`` logits never exist; ``compile_blocks`` compiles the transformer
-blocks (the fused attention stays eager between the compiled pieces).
+blocks (the fused attention stays eager between the compiled pieces);
+``checkpoint_blocks`` trades a second forward of some blocks for their activation memory.
+The fast path's first step for a given batch shape moves its cached packing layout to
+the device once; every later step is free of host synchronization.
 """
 
 from __future__ import annotations
@@ -81,11 +84,19 @@ def _layout(batch: int, sizes: tuple[int, ...], n_tokens: int, device: torch.dev
 
 
 def pack_views(x: torch.Tensor, index: Sequence[torch.Tensor]) -> PackedViews:
-    """Describe views ``index`` (one ``[B, k_v]`` tensor each) of images ``x``
-    ``[B, N, D]`` as one packed batch; the gather itself runs in
-    :func:`packed_cls_features`. Two small launches, sync-free after the first call for
-    a given shape."""
+    """Describe views ``index`` (one ``[B, k_v]`` tensor each, values in ``[0, N)``, not
+    checked: reading them would synchronize) of images ``x`` ``[B, N, D]`` as one packed
+    batch; the gather itself runs in :func:`packed_cls_features`. Two small launches,
+    sync-free after the first call for a given shape."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, D], got shape {list(x.shape)}")
+    if not index:
+        raise ValueError("index must hold at least one view")
     batch, n_tokens = x.shape[0], x.shape[1]
+    for v, i in enumerate(index):
+        if i.dim() != 2 or i.shape[0] != batch or i.device != x.device:
+            raise ValueError(f"index[{v}] must be [B={batch}, k] on {x.device}, got shape "
+                             f"{list(i.shape)} on {i.device}")
     sizes = tuple(int(i.shape[1]) for i in index)
     dtype = index[0].dtype
     layout = _layout(batch, sizes, n_tokens, x.device, dtype)
