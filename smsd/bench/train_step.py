@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import statistics
@@ -349,8 +350,10 @@ def _echo_row(row: dict, echo: Callable[[str], None]) -> None:
 
 def run_preset(name: str, device: torch.device, variants: Sequence[str], *, steps: int,
                warmup: int, checkpoint_blocks: int = 0, interleave: bool = False,
-               echo: Callable[[str], None] = print) -> dict:
+               batch: int | None = None, echo: Callable[[str], None] = print) -> dict:
     preset = PRESETS[name]
+    if batch is not None:
+        preset = dataclasses.replace(preset, batch=batch)
     cfg = preset.config
     sizes = [round(k * cfg.n_tokens) for k in KEEP]
     result = {"preset": name, "batch": preset.batch, "embed_dim": cfg.embed_dim,
@@ -392,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-blocks", type=int, default=9,
                    help="student blocks smsd+ckpt recomputes in the backward pass (default 9 "
                    "of 12: ViT-S/B activations from ~30 GiB to ~12 GiB)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="override the presets' batch size (e.g. a quick CPU try of vit_small)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--interleave", action="store_true",
@@ -411,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is visible")
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -420,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(device)
     print(f"# train step on {env['card']}, torch {env['torch']}, {env['date']}", flush=True)
     report = {"environment": env, "phases": list(PHASES), "steps": args.steps,
-              "results": [run_preset(name, device, args.variants, steps=args.steps,
+              "results": [run_preset(name, device, args.variants, batch=args.batch,
+                                     steps=args.steps,
                                      warmup=args.warmup,
                                      checkpoint_blocks=args.checkpoint_blocks,
                                      interleave=args.interleave,
