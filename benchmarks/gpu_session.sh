@@ -14,5 +14,11 @@ python -m smsd.cli check --device cuda 2>&1 | tee "$out/check.log"
 check=${PIPESTATUS[0]}
 python benchmarks/run.py --device cuda --out "$out" "$@" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
-echo "check exit $check, bench exit $bench"
-exit $(( check || bench ))
+# Issue 9: the full training step, smsd against the plain PyTorch step (eager, compiled, loop).
+TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/test_distill_step.py 2>&1 | tee "$out/train_step_tests.log"
+python benchmarks/train_step.py --device cuda --preset vit_small --preset vit_base \
+  --variants smsd smsd+ckpt smsd-unfused torch-eager torch-compile smsd+compile torch-loop \
+  --steps 10 --warmup 3 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.log"
+train=${PIPESTATUS[0]}
+echo "check exit $check, bench exit $bench, train step exit $train"
+exit $(( check || bench || train ))

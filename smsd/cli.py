@@ -87,6 +87,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row")
     p.add_argument("--out", default="benchmarks/results",
                    help="folder for the JSON rows ('-' writes none)")
+    p.add_argument("--train-step", action="store_true",
+                   help="benchmark the full training step against the plain PyTorch step "
+                   "instead (quick: the tiny model; more options: benchmarks/train_step.py)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -97,9 +100,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _devices(device)
+    if args.train_step:
+        from .bench.train_step import main as train_step_main
+
+        return train_step_main(train_step_args(device, args.size, args.out))
     run(device, args.ops, size=args.size, budget_s=args.budget,
         out_dir=None if args.out == "-" else args.out)
     return 0
+
+
+def train_step_args(device: str, size: str, out: str) -> list[str]:
+    """``smsd bench --train-step`` options as ``benchmarks/train_step.py`` arguments."""
+    import datetime
+
+    quick = ["--tiny", "--steps", "2", "--warmup", "1",
+             "--variants", "smsd", "torch-eager", "torch-loop"]
+    argv = ["--device", device] + (quick if size == "quick" else [])
+    if out != "-":
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        argv += ["--json", os.path.join(out, f"{stamp}-{device}-train_step.json")]
+    return argv
 
 
 # ---------------------------------------------------------------- keygen

@@ -285,3 +285,15 @@ def test_matches_reference_on_gpu_at_full_k(dtype, K):
     for name, value, base, ref in zip(("loss", "grad", "center"), got, plain, exact, strict=True):
         acc = accuracy(value, base, ref)
         assert acc.ok, f"{name}: {acc}"
+
+
+def test_rescale_reads_no_device_value():
+    """Off the CPU the stored gradient is always scaled: reading grad_output there would
+    synchronize the host every step (a meta tensor has no value to read at all)."""
+    from smsd.ops.dino_loss import scale_saved_grad
+
+    grad = torch.ones(3, 5, device="meta")
+    scaled = scale_saved_grad(grad, torch.ones((), device="meta"))
+    assert scaled is not grad and scaled.shape == grad.shape
+    cpu_grad = torch.ones(3, 5)
+    assert scale_saved_grad(cpu_grad, torch.ones(())) is cpu_grad  # free on the CPU

@@ -111,3 +111,38 @@ def test_autocast_does_not_change_the_result(backend):
                    chunk_rows=3)
     for a, b in zip(plain, cast, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_teacher_weight(backend, dtype):
+    """DINO's teacher head is an EMA of the student's: its logits use its own weight, which
+    gets no gradient."""
+    sf, tf, weight, center = make_inputs(4, 2, 3, 257, 16)
+    teacher_weight = weight + 0.3 * torch.randn(weight.shape, dtype=weight.dtype)
+    s, t, w, c = sf.to(dtype), tf.to(dtype), weight.to(dtype), center.float()
+    tw = teacher_weight.to(dtype).requires_grad_(True)
+    got = run(fused_linear_dino_loss, s, t, w, c, n_student_views=4, chunk_rows=5,
+              teacher_weight=tw)
+    assert tw.grad is None
+    plain = run(reference.fused_linear_dino_loss, s, t, w, c, n_student_views=4,
+                teacher_weight=tw.detach())
+    logits = (s @ w.T).double().requires_grad_(True)
+    exact_center = c.double().clone()
+    loss = reference.dino_loss(logits, (t @ tw.detach().T).double(), exact_center,
+                               n_student_views=4)
+    loss.backward()
+    exact = (loss.detach(), logits.grad @ w.double(), logits.grad.T @ s.double(), exact_center)
+    for name, value, base, ref in zip(("loss", "grad_feats", "grad_weight", "center"),
+                                      got, plain, exact, strict=True):
+        acc = accuracy(value, base, ref)
+        assert acc.ok, f"{name}: {acc}"
+    same = run(fused_linear_dino_loss, s, t, w, c, n_student_views=4, chunk_rows=5)
+    assert not torch.equal(got[0], same[0])  # the teacher weight was used
+
+
+def test_bad_teacher_weight():
+    args = [x.float() for x in make_inputs(4, 2, 2, 64, 8)]
+    with pytest.raises(ValueError, match="teacher_weight has shape"):
+        fused_linear_dino_loss(*args, n_student_views=4, teacher_weight=args[2][:10])
+    with pytest.raises(TypeError, match="teacher_weight has dtype"):
+        fused_linear_dino_loss(*args, n_student_views=4, teacher_weight=args[2].half())

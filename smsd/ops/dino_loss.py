@@ -201,8 +201,9 @@ class DinoLoss(torch.autograd.Function):
 
 def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     # A loss is almost always the root of backward (grad_output 1): returning the stored
-    # gradient saves a full pass over [rows x K]; the check costs one host sync.
-    if grad_loss.numel() == 1 and bool(grad_loss == 1):
+    # gradient saves a full pass over [rows x K]. Reading grad_output is free on the CPU
+    # but would stall the host on a GPU every step, so there the gradient is always scaled.
+    if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and bool(grad_loss == 1):
         return grad
     return grad * grad_loss.to(grad.dtype)
 

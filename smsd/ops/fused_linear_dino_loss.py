@@ -35,13 +35,19 @@ def default_chunk_rows(n_rows: int, K: int, element_size: int) -> int:
 
 
 def _validate(student_feats, teacher_feats, weight, center, opts: DinoLossOptions,
-              chunk_rows) -> int:
+              chunk_rows, teacher_weight=None) -> int:
     student_feats = _checks.tensor("student_feats", student_feats, 2, LOSS_DTYPES)
     teacher_feats = _checks.tensor("teacher_feats", teacher_feats, 2, LOSS_DTYPES)
     weight = _checks.tensor("weight", weight, 2, LOSS_DTYPES)
     center = _checks.tensor("center", center, 2, (torch.float32,))
-    for name, x in (("teacher_feats", teacher_feats), ("weight", weight)):
-        if x.dtype != student_feats.dtype:
+    if teacher_weight is not None:
+        teacher_weight = _checks.tensor("teacher_weight", teacher_weight, 2, LOSS_DTYPES)
+        if teacher_weight.shape != weight.shape:
+            raise ValueError(f"teacher_weight has shape {list(teacher_weight.shape)} but weight "
+                             f"has {list(weight.shape)}; they must match")
+    for name, x in (("teacher_feats", teacher_feats), ("weight", weight),
+                    ("teacher_weight", teacher_weight)):
+        if x is not None and x.dtype != student_feats.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but student_feats has "
                             f"{student_feats.dtype}")
     K, D = weight.shape
@@ -58,7 +64,7 @@ def _validate(student_feats, teacher_feats, weight, center, opts: DinoLossOption
     ):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     _checks.same_device("student_feats", student_feats, teacher_feats=teacher_feats,
-                        weight=weight, center=center)
+                        weight=weight, center=center, teacher_weight=teacher_weight)
     return batch_size(student_feats.shape[0], teacher_feats.shape[0], opts,
                       "student_feats", "teacher_feats")
 
@@ -68,21 +74,21 @@ class FusedLinearDinoLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_feats, teacher_feats, weight, center, backend: str,
-                opts: DinoLossOptions, batch: int, chunk_rows: int):
+                opts: DinoLossOptions, batch: int, chunk_rows: int, teacher_weight=None):
         # The matmuls run in the inputs' (checked, common) dtype even under autocast: the
         # gradient buffers are allocated in that dtype and the kernels accumulate in fp32.
         with torch.autocast(student_feats.device.type, enabled=False):
             return FusedLinearDinoLoss._forward(
                 ctx, student_feats, teacher_feats, weight, center, backend, opts, batch,
-                chunk_rows,
+                chunk_rows, teacher_weight,
             )
 
     @staticmethod
     def _forward(ctx, student_feats, teacher_feats, weight, center, backend: str,
-                 opts: DinoLossOptions, batch: int, chunk_rows: int):
+                 opts: DinoLossOptions, batch: int, chunk_rows: int, teacher_weight):
         need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         center_in = center.contiguous()
-        teacher = teacher_feats @ weight.T
+        teacher = teacher_feats @ (weight if teacher_weight is None else teacher_weight).T
         stats, colsum = teacher_stats(backend, teacher, center_in, opts.teacher_temp)
         del teacher_feats
         scale = 1.0 / (opts.n_pairs * batch)
@@ -120,7 +126,7 @@ class FusedLinearDinoLoss(torch.autograd.Function):
             None if grad_feats is None else scale_saved_grad(grad_feats, grad_loss),
             None,
             None if grad_weight is None else scale_saved_grad(grad_weight, grad_loss),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
@@ -137,6 +143,7 @@ def fused_linear_dino_loss(
     center_momentum: float = 0.9,
     update_center: bool = True,
     chunk_rows: int | None = None,
+    teacher_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DINO head's last layer + DINO loss, never holding the student logits.
 
@@ -149,6 +156,8 @@ def fused_linear_dino_loss(
         weight: ``[K, D]`` last layer of the head (already weight-normalized).
         center: ``[1, K]`` fp32, updated in place.
         chunk_rows: student rows per chunk (default: about 16 MiB of logits).
+        teacher_weight: the teacher's own ``[K, D]`` last layer (DINO's teacher is an EMA
+            of the student, so its head differs); default ``weight``. No gradient.
 
     Returns:
         The fp32 loss; gradients flow to ``student_feats`` and ``weight``.
@@ -158,17 +167,22 @@ def fused_linear_dino_loss(
         student_temp=student_temp, teacher_temp=teacher_temp,
         center_momentum=center_momentum, update_center=update_center,
     )
-    batch = _validate(student_feats, teacher_feats, weight, center, opts, chunk_rows)
+    batch = _validate(student_feats, teacher_feats, weight, center, opts, chunk_rows,
+                      teacher_weight)
+    if teacher_weight is not None:
+        teacher_weight = teacher_weight.detach()
     backend = select_backend("fused_linear_dino_loss", student_feats.device)
     if backend == "torch":
         return reference.fused_linear_dino_loss(
-            student_feats, teacher_feats, weight, center, **opts.as_kwargs()
+            student_feats, teacher_feats, weight, center, teacher_weight=teacher_weight,
+            **opts.as_kwargs()
         )
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(student_feats.shape[0], weight.shape[0],
                                         weight.element_size())
     loss, colsum = FusedLinearDinoLoss.apply(
-        student_feats, teacher_feats.detach(), weight, center, backend, opts, batch, chunk_rows
+        student_feats, teacher_feats.detach(), weight, center, backend, opts, batch, chunk_rows,
+        teacher_weight,
     )
     if opts.update_center:
         move_center(center, colsum, teacher_feats.shape[0], opts.center_momentum)

@@ -83,10 +83,14 @@ def fused_linear_dino_loss(
     teacher_feats: torch.Tensor,
     weight: torch.Tensor,
     center: torch.Tensor,
+    teacher_weight: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
-    """:func:`dino_loss` of the head's logits ``feats @ weight.T`` (``weight`` is ``[K, D]``)."""
-    return dino_loss(student_feats @ weight.T, teacher_feats @ weight.T, center, **options)
+    """:func:`dino_loss` of the head's logits ``feats @ weight.T`` (``weight`` is ``[K, D]``);
+    the teacher's logits use ``teacher_weight`` when given."""
+    teacher_weight = weight if teacher_weight is None else teacher_weight
+    return dino_loss(student_feats @ weight.T, teacher_feats @ teacher_weight.T, center,
+                     **options)
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -4,22 +4,130 @@ Kept apart from :class:`smsd.protocol.Server` (data, schedules, checkpoints, log
 that the training loop, the multi-GPU path and ``benchmarks/train_step.py`` run exactly
 the same step. The step never synchronizes with the host: it returns the loss as a
 tensor and leaves checking it to the caller.
+
+Fast-path options (all off by default, each tested to give the plain step's result):
+``fused_gather`` lays out every view of every image as one packed varlen batch with a
+single row gather (the CLS token rides along as one more row), so the step needs no
+per-view copies and no host-built ``cu_seqlens``; ``fused_head_loss``
+runs the head's last layer inside :func:`~smsd.ops.fused_linear_dino_loss`, so the
+``[views x B, 65536]`` logits never exist; ``compile_blocks`` compiles the transformer
+blocks (the fused attention stays eager between the compiled pieces);
+``checkpoint_blocks`` trades a second forward of some blocks for their activation memory.
+The fast path's first step for a given batch shape moves its cached packing layout to
+the device once; every later step is free of host synchronization.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..models import DINOHead, ViTBody
 from ..nn import DINOLoss
-from ..ops import masked_sample
+from ..ops import fused_linear_dino_loss, masked_sample
 from ..validation import validation
 
-__all__ = ["DistillStep", "StepSchedule", "StudentModel", "koleo_loss"]
+__all__ = ["PHASES", "DistillStep", "PackedViews", "StepSchedule", "StudentModel", "koleo_loss",
+           "pack_views", "packed_cls_features"]
+
+# What DistillStep reports to its ``on_phase`` hook, in order, after each part of a step.
+PHASES = ("sampling", "teacher_fwd", "student_fwd", "loss", "backward", "optimizer_ema")
+
+
+@dataclass(frozen=True)
+class PackedViews:
+    """Every view of a batch as one packed varlen batch (see :func:`pack_views`).
+
+    ``tokens`` ``[B, N, D]`` are the images. ``rows`` ``[B * L]`` indexes the ``B * N``
+    token rows followed by one CLS row (row ``B * N``): for each image and each view in
+    turn, the CLS row and then the view's tokens. The packed sequences are thus
+    image-major; ``cls_rows`` lists their CLS rows view-major (the order DINO's loss wants).
+    """
+
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    cls_rows: torch.Tensor
+
+
+class _PackedLayout:
+    """The parts of a packing that depend only on the batch size and view sizes, built
+    once on the host and moved to the device once (building them per step would cost a
+    host-to-device copy, which synchronizes)."""
+
+    def __init__(self, batch: int, sizes: Sequence[int], n_tokens: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        lengths = [k + 1 for k in sizes]  # each sequence: CLS + the view's tokens
+        per_image = sum(lengths)
+        offsets = [sum(lengths[:v]) for v in range(len(lengths))]
+        cu = torch.tensor([0] + lengths * batch, dtype=torch.int64).cumsum(0)
+        self.cu_seqlens = cu.to(device=device, dtype=torch.int32)
+        self.max_seqlen = max(lengths)
+        self.cls_rows = torch.tensor([b * per_image + offsets[v] for v in range(len(sizes))
+                                      for b in range(batch)], device=device)
+        # CLS slot of image b before its row offset b * N is added: B * N - b * N
+        self.cls_slot = torch.arange(batch, 0, -1, dtype=dtype, device=device)[:, None] * n_tokens
+        self.row_offset = torch.arange(batch, dtype=dtype, device=device)[:, None] * n_tokens
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(batch: int, sizes: tuple[int, ...], n_tokens: int, device: torch.device,
+            dtype: torch.dtype) -> _PackedLayout:
+    return _PackedLayout(batch, sizes, n_tokens, device, dtype)
+
+
+def pack_views(x: torch.Tensor, index: Sequence[torch.Tensor]) -> PackedViews:
+    """Describe views ``index`` (one ``[B, k_v]`` tensor each, values in ``[0, N)``, not
+    checked: reading them would synchronize) of images ``x`` ``[B, N, D]`` as one packed
+    batch; the gather itself runs in :func:`packed_cls_features`. Two small launches,
+    sync-free after the first call for a given shape."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, D], got shape {list(x.shape)}")
+    if not index:
+        raise ValueError("index must hold at least one view")
+    batch, n_tokens = x.shape[0], x.shape[1]
+    for v, i in enumerate(index):
+        if i.dim() != 2 or i.shape[0] != batch or i.device != x.device:
+            raise ValueError(f"index[{v}] must be [B={batch}, k] on {x.device}, got shape "
+                             f"{list(i.shape)} on {i.device}")
+    sizes = tuple(int(i.shape[1]) for i in index)
+    dtype = index[0].dtype
+    layout = _layout(batch, sizes, n_tokens, x.device, dtype)
+    pieces = [p for i in index for p in (layout.cls_slot, i.to(dtype))]
+    rows = (torch.cat(pieces, dim=1) + layout.row_offset).reshape(-1)
+    return PackedViews(x, rows, layout.cu_seqlens, layout.max_seqlen, layout.cls_rows)
+
+
+def packed_cls_features(body: ViTBody, views: PackedViews,
+                        checkpoint_blocks: int = 0) -> torch.Tensor:
+    """The body's CLS features ``[V * B, D]`` (view-major) of packed views: one gather,
+    one varlen attention call per block. Equal to ``body.forward_views(views)``.
+
+    The first ``checkpoint_blocks`` blocks keep only their input for the backward pass
+    and run their forward again there (activation checkpointing): at ViT-S scale each
+    block's saved activations take ~36 bytes per token and channel, its input 4.
+    """
+    x = views.tokens
+    dim = x.shape[-1]
+    # A plain row gather, not masked_sample: an image's views together hold more than N
+    # tokens, and the CLS row must be gathered too (its gradient flows back through it).
+    table = torch.cat([x.reshape(-1, dim), body.cls_token.reshape(1, dim).to(x.dtype)])
+    tokens = table.index_select(0, views.rows)
+    for i, block in enumerate(body.blocks):
+        if i < checkpoint_blocks and torch.is_grad_enabled():
+            tokens = checkpoint(block, tokens, cu_seqlens=views.cu_seqlens,
+                                max_seqlen=views.max_seqlen, use_reentrant=False)
+        else:
+            tokens = block(tokens, cu_seqlens=views.cu_seqlens, max_seqlen=views.max_seqlen)
+    # LayerNorm is per token: normalizing only the CLS rows gives the same features.
+    return body.norm(tokens.index_select(0, views.cls_rows))
 
 
 class StudentModel(nn.Module):
@@ -30,10 +138,24 @@ class StudentModel(nn.Module):
         self.body = body
         self.head = head
 
-    def forward(self, views: Sequence[torch.Tensor], packed: bool,
-                return_features: bool = False):
-        features = self.body.forward_views(views, packed=packed)
-        out = self.head(features)
+    def forward(self, views: Sequence[torch.Tensor] | PackedViews, packed: bool,
+                return_features: bool = False, *, fused_head: bool = False,
+                checkpoint_blocks: int = 0):
+        """Head outputs of every view (view-major rows), and the body's CLS features with
+        ``return_features``. With ``fused_head`` the output is ``(bottleneck, weight)``:
+        the head's normalized bottleneck and its last layer's weight, for
+        :func:`~smsd.ops.fused_linear_dino_loss`. ``checkpoint_blocks``: see
+        :func:`packed_cls_features` (packed views only)."""
+        if isinstance(views, PackedViews):
+            features = packed_cls_features(self.body, views, checkpoint_blocks)
+        else:
+            features = self.body.forward_views(views, packed=packed)
+        if fused_head:
+            # DINOHead.forward without its last layer
+            out = (F.normalize(self.head.mlp(features), dim=-1, p=2),
+                   self.head.last_layer.weight)
+        else:
+            out = self.head(features)
         return (out, features) if return_features else out
 
 
@@ -71,12 +193,38 @@ class DistillStep:
         koleo_weight: weight of :func:`koleo_loss` on the global views' CLS features.
         clip_grad: max gradient norm (0 = off).
         autocast_dtype: autocast dtype on CUDA (None = full precision).
+        fused_gather: gather all views with one :func:`~smsd.ops.masked_sample` into one
+            packed batch (:func:`pack_views`); needs ``packed``.
+        fused_head_loss: compute the head's last layer and the loss with
+            :func:`~smsd.ops.fused_linear_dino_loss` (the logits are never stored).
+        compile_blocks: ``torch.compile`` every transformer block of student and teacher
+            (static shapes), in place.
+        checkpoint_blocks: recompute the first this many student blocks in the backward
+            pass instead of storing their activations (less memory, one more forward of
+            those blocks); needs ``fused_gather``.
+        on_phase: called with each name of :data:`PHASES` as that part of the step ends
+            (for a timing breakdown; ``None`` in training).
     """
 
     def __init__(self, student: nn.Module, teacher: StudentModel, loss_fn: DINOLoss,
                  optimizer: torch.optim.Optimizer, *, packed: bool, koleo_weight: float = 0.0,
                  clip_grad: float = 0.0,
-                 autocast_dtype: torch.dtype | None = torch.bfloat16) -> None:
+                 autocast_dtype: torch.dtype | None = torch.bfloat16,
+                 fused_gather: bool = False, fused_head_loss: bool = False,
+                 compile_blocks: bool = False, checkpoint_blocks: int = 0,
+                 on_phase: Callable[[str], None] | None = None) -> None:
+        if fused_gather and not packed:
+            raise ValueError("fused_gather=True lays views out as one packed batch: it needs "
+                             "packed=True")
+        if isinstance(checkpoint_blocks, bool) or not isinstance(checkpoint_blocks, int) \
+                or checkpoint_blocks < 0:
+            raise ValueError(f"checkpoint_blocks must be an int >= 0, got {checkpoint_blocks!r}")
+        if checkpoint_blocks and not fused_gather:
+            raise ValueError("checkpoint_blocks applies to the packed layout of "
+                             "fused_gather=True; set fused_gather=True")
+        if fused_head_loss and not isinstance(loss_fn, DINOLoss):
+            raise TypeError("fused_head_loss=True needs loss_fn to be a smsd.nn.DINOLoss, got "
+                            f"{type(loss_fn).__name__}")
         self.student = student
         self.teacher = teacher
         self.loss_fn = loss_fn
@@ -85,11 +233,23 @@ class DistillStep:
         self.koleo_weight = koleo_weight
         self.clip_grad = clip_grad
         self.autocast_dtype = autocast_dtype
+        self.fused_gather = fused_gather
+        self.fused_head_loss = fused_head_loss
+        self.checkpoint_blocks = checkpoint_blocks
+        self.on_phase = on_phase
         module = getattr(student, "module", student)  # unwrap DDP
         self._student_params = list(module.parameters())
         self._teacher_params = list(teacher.parameters())
         self._last_layer = [p for name, p in module.head.named_parameters()
                             if name.startswith("last_layer")]
+        if compile_blocks:
+            for model in (module, teacher):
+                for block in model.body.blocks:
+                    block.compile(dynamic=False)
+
+    def _mark(self, phase: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
     def __call__(self, x: torch.Tensor, index: Sequence[torch.Tensor],
                  schedule: StepSchedule) -> torch.Tensor:
@@ -99,21 +259,39 @@ class DistillStep:
             group["lr"] = schedule.lr
             group["weight_decay"] = schedule.weight_decay if i == 0 else 0.0
         batch = x.shape[0]
+        autocast_on = x.device.type == "cuda" and self.autocast_dtype is not None
         autocast = torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
-                                  enabled=x.device.type == "cuda"
-                                  and self.autocast_dtype is not None)
+                                  enabled=autocast_on)
+        extra = {"fused_head": True} if self.fused_head_loss else {}
         with validation(False), autocast:  # indices come from sample_views: in range
-            views = [masked_sample(x, idx) for idx in index]
+            if self.fused_gather:
+                student_in = pack_views(x, index)
+                teacher_in = pack_views(x, index[:2])
+            else:
+                student_in = [masked_sample(x, idx) for idx in index]
+                teacher_in = student_in[:2]
+            self._mark("sampling")
             with torch.no_grad():
-                teacher_out = self.teacher(views[:2], self.packed).float()
-            student_out, features = self.student(views, self.packed, return_features=True)
-            loss = self.loss_fn(student_out.float(), teacher_out, schedule.epoch)
+                teacher_out = self.teacher(teacher_in, self.packed, **extra)
+            self._mark("teacher_fwd")
+            if self.checkpoint_blocks:
+                extra["checkpoint_blocks"] = self.checkpoint_blocks
+            student_out, features = self.student(student_in, self.packed,
+                                                 return_features=True, **extra)
+            self._mark("student_fwd")
+            if self.fused_head_loss:
+                loss = self._fused_loss(student_out, teacher_out, schedule.epoch,
+                                        self.autocast_dtype if autocast_on else None)
+            else:
+                loss = self.loss_fn(student_out.float(), teacher_out.float(), schedule.epoch)
             if self.koleo_weight:
                 # As in DINOv2: on the CLS features of each global view separately.
                 loss = loss + self.koleo_weight * sum(
                     koleo_loss(f) for f in features[:2 * batch].chunk(2))
+            self._mark("loss")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._mark("backward")
         if self.clip_grad:
             nn.utils.clip_grad_norm_(self._student_params, self.clip_grad)
         if schedule.freeze_last_layer:
@@ -123,4 +301,21 @@ class DistillStep:
         with torch.no_grad():
             torch._foreach_lerp_(self._teacher_params, self._student_params,
                                  1.0 - schedule.momentum)
+        self._mark("optimizer_ema")
         return loss.detach()
+
+    def _fused_loss(self, student_out, teacher_out, epoch: int,
+                    dtype: torch.dtype | None) -> torch.Tensor:
+        (student_feats, weight), (teacher_feats, teacher_weight) = student_out, teacher_out
+        # The op computes in its inputs' dtype: under autocast, the autocast dtype, as the
+        # unfused head's last Linear would.
+        dtype = dtype or student_feats.dtype
+        loss_fn = self.loss_fn
+        return fused_linear_dino_loss(
+            student_feats.to(dtype), teacher_feats.to(dtype), weight.to(dtype),
+            loss_fn.center, teacher_weight=teacher_weight.to(dtype),
+            n_student_views=loss_fn.ncrops, n_teacher_views=2,
+            student_temp=loss_fn.student_temp,
+            teacher_temp=float(loss_fn.teacher_temp_schedule[epoch]),
+            center_momentum=loss_fn.center_momentum,
+        )
