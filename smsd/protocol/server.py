@@ -222,8 +222,13 @@ class Server:
 
             model = DistributedDataParallel(
                 run.student, device_ids=[device.index] if device.type == "cuda" else None)
+        # On GPU the fast path of benchmarks/train_step.py: all views gathered into one
+        # packed batch, and the head's last layer fused with the loss (no [rows, K] logits).
+        # On CPU the plain step, whose numerics the demo's recorded results come from.
+        on_gpu = device.type == "cuda"
         step_fn = DistillStep(model, run.teacher, run.loss_fn, run.optimizer, packed=packed,
-                              koleo_weight=cfg.koleo_weight, clip_grad=cfg.clip_grad)
+                              koleo_weight=cfg.koleo_weight, clip_grad=cfg.clip_grad,
+                              fused_gather=packed and on_gpu, fused_head_loss=on_gpu)
         lrs = cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, steps, cfg.warmup_epochs)
         wds = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps)
         momenta = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps)
@@ -448,6 +453,6 @@ class _Run:
                            cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs,
                            student_temp=cfg.student_temp,
                            center_momentum=cfg.center_momentum).to(device)
-        optimizer = torch.optim.AdamW(_param_groups(student, 0.0))
+        optimizer = torch.optim.AdamW(_param_groups(student, 0.0), fused=device.type == "cuda")
         return cls(student, teacher, loss_fn, optimizer,
                    torch.Generator().manual_seed(cfg.seed))
