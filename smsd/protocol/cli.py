@@ -53,6 +53,8 @@ def add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", required=True, help="this client's key file (smsd keygen)")
     p.add_argument("--out", required=True, help="shard file to write (.safetensors)")
     _model_args(p)
+    p.add_argument("--noise-std", type=float, default=0.0,
+                   help="Gaussian noise on the uploaded tokens (privacy mitigation; smsd audit)")
     p.set_defaults(func=_cmd_encode)
 
 
@@ -67,7 +69,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     root = Path(args.data)
     # File paths pick each image's permutation; they stay here, not in the shard.
     ids = [str(f.relative_to(root)) for f in files]
-    path = Client(config, key).encode(images, args.out, image_ids=ids)
+    path = Client(config, key, noise_std=args.noise_std).encode(images, args.out, image_ids=ids)
     print(f"wrote {path}: {len(files)} images × {config.n_tokens} tokens × {config.embed_dim}")
     return 0
 
@@ -220,6 +222,8 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="simulate-results", help="folder for JSON/CSV/PNG")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test run (seconds)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--noise-std", type=float, default=d.noise_std,
+                   help="Gaussian noise on the uploaded tokens (privacy mitigation; smsd audit)")
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -233,6 +237,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         local_epochs=args.local_epochs, seed=args.seed,
         pretrain=replace(cfg.pretrain, epochs=args.pretrain_epochs, seed=args.seed),
         finetune=replace(cfg.finetune, epochs=args.finetune_epochs, seed=args.seed))
+    cfg = replace(cfg, noise_std=args.noise_std)
     if args.quick:
         cfg = quick_config(cfg)
     results = simulate(cfg, args.out, progress=not args.no_progress)

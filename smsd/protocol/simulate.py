@@ -70,6 +70,8 @@ class SimulateConfig:
         warmup_teacher_temp=0.02, teacher_temp=0.02, koleo_weight=0.1, out_dim=1024,
         hidden_dim=256, bottleneck_dim=64, checkpoint_every=1000))
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=100))
+    # Gaussian noise each client adds to its uploaded tokens (privacy mitigation; smsd audit).
+    noise_std: float = 0.0
 
 
 @dataclass
@@ -146,7 +148,8 @@ def _timed(fn: Callable[[], MethodResult]) -> MethodResult:
 
 def _run_smsd(cfg: SimulateConfig, data: list[ClientData], num_classes: int, work: Path,
               progress: bool) -> MethodResult:
-    clients = [Client(cfg.model, _simulation_key(cfg.seed, i)) for i in range(len(data))]
+    clients = [Client(cfg.model, _simulation_key(cfg.seed, i), noise_std=cfg.noise_std,
+                      noise_seed=cfg.seed * 1000 + i) for i in range(len(data))]
     shards = [c.encode(d.train_images, work / f"client{i}.safetensors")
               for i, (c, d) in enumerate(zip(clients, data, strict=True))]
     server = Server(cfg.model, cfg.pretrain, head_fingerprint=clients[0].fingerprint)
