@@ -137,7 +137,7 @@ def unshuffle_known_positions(tokens: torch.Tensor, pos_embed: torch.Tensor, pat
 @torch.no_grad()
 def reconstruct(tokens: torch.Tensor, positions: torch.Tensor, head: PatchHead,
                 pixel_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
-    """Images ``[n, C, H, W]`` from the least-squares patch of each token at its guessed
+    """fp32 images ``[n, C, H, W]`` from the least-squares patch of each token at its guessed
     position, clipped to the pixel range (the pseudo-inverse of the head)."""
     weight, bias, pos = _head_parts(head)
     t = _check_tokens(tokens, len(pos), len(bias))
@@ -154,4 +154,5 @@ def reconstruct(tokens: torch.Tensor, positions: torch.Tensor, head: PatchHead,
     c = head.config
     grid, size = c.grid, c.patch_size
     images = ordered.reshape(-1, grid, grid, c.in_chans, size, size)
-    return images.permute(0, 3, 1, 4, 2, 5).reshape(-1, c.in_chans, c.img_size, c.img_size)
+    images = images.permute(0, 3, 1, 4, 2, 5).reshape(-1, c.in_chans, c.img_size, c.img_size)
+    return images.float()

@@ -26,8 +26,8 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float) -> float:
     """Mean over images of 10·log10(range² / MSE), in dB (capped at 100 dB for exact copies)."""
     _check_pair(x, y, data_range)
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(data_range**2 / mse)).mean().item()
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(data_range**2 / mse)).clamp(max=100.0).mean().item()
 
 
 def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
