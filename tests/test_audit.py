@@ -110,7 +110,16 @@ def test_metrics_match_closed_forms():
     c1 = (0.01 * 2.0) ** 2
     expected = (2 * 0.25 * -0.125 + c1) / (0.25**2 + 0.125**2 + c1)
     assert ssim(a, b, data_range=2.0) == pytest.approx(expected, abs=1e-9)
-    assert ssim(x, -x, data_range=2.0) < 0
+    # An 11×11 image is one window: SSIM from Gaussian-weighted moments, written out.
+    u, v = np.random.default_rng(0).uniform(-1, 1, (2, 11, 11))
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    mu, mv = (w * u).sum(), (w * v).sum()
+    vu, vv, cuv = (w * u * u).sum() - mu**2, (w * v * v).sum() - mv**2, (w * u * v).sum() - mu * mv
+    c2 = (0.03 * 2.0) ** 2
+    expected = ((2 * mu * mv + c1) * (2 * cuv + c2)) / ((mu**2 + mv**2 + c1) * (vu + vv + c2))
+    assert ssim(torch.from_numpy(u)[None, None], torch.from_numpy(v)[None, None],
+                data_range=2.0) == pytest.approx(expected, abs=1e-12)
     assert position_accuracy(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 2, 1]])) == \
         pytest.approx(1 / 3)
 
