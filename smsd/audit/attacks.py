@@ -34,8 +34,10 @@ def assign(cost: torch.Tensor) -> torch.Tensor:
 
     ``cost`` ``[n, N, N]`` (slot, position); returns int64 ``[n, N]`` positions.
     """
-    from scipy.optimize import linear_sum_assignment
-
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as exc:  # pragma: no cover - scipy is the declared 'audit' extra
+        raise ImportError("the audit needs scipy: pip install 'smsd[audit]'") from exc
     if cost.dim() != 3 or cost.shape[1] != cost.shape[2]:
         raise ValueError(f"cost must be [n, N, N], got {list(cost.shape)}")
     out = np.empty(cost.shape[:2], dtype=np.int64)
