@@ -42,12 +42,12 @@ def _shard(tmp_path, noise_std=0.0, client_config=None):
 def _rows(tmp_path, **kwargs):
     tokens, truth, images, config = _shard(tmp_path, **kwargs)
     rows = audit_tokens(tokens, PatchHead(config), truth=truth, originals=images)
-    return {r.attack.split(" +")[0] if "refits" not in r.attack else "refit": r for r in rows}
+    return {r.attack: r for r in rows}
 
 
 def test_unprotected_shard_is_unshuffled_and_reconstructed(tmp_path):
     rows = _rows(tmp_path)
-    chance, known = rows["chance (random order)"], rows["known head"]
+    chance, known = rows["chance (random order)"], rows["known head + inversion"]
     assert chance.positions_correct < 0.05
     assert known.positions_correct > 0.95 > 20 * CHANCE
     assert rows["nearest position"].positions_correct > 0.9
@@ -59,17 +59,17 @@ def test_unprotected_shard_is_unshuffled_and_reconstructed(tmp_path):
 def test_noise_lowers_what_the_attacks_recover(tmp_path):
     clean = _rows(tmp_path)
     noisy = _rows(tmp_path, noise_std=1.0)
-    for attack in ("known head", "nearest position"):
+    for attack in ("known head + inversion", "nearest position"):
         assert noisy[attack].positions_correct < 0.5 * clean[attack].positions_correct
-    assert noisy["known head"].psnr_db < clean["known head"].psnr_db - 30
-    assert noisy["known head"].ssim < 0.3
+    assert noisy["known head + inversion"].psnr_db < clean["known head + inversion"].psnr_db - 30
+    assert noisy["known head + inversion"].ssim < 0.3
 
 
 def test_secret_head_seed_hides_pixels_not_positions(tmp_path):
     config = default_model_config()
     rows = _rows(tmp_path, client_config=config.replace(head_seed=12345))
     assert rows["nearest position"].positions_correct > 0.9  # the sin-cos table is public
-    assert rows["known head"].psnr_db < rows["chance (random order)"].psnr_db + 5
+    assert rows["known head + inversion"].psnr_db < rows["chance (random order)"].psnr_db + 5
 
 
 @pytest.mark.parametrize("in_chans,img_size,patch,dim", [(2, 12, 4, 48), (1, 10, 5, 36)])

@@ -26,7 +26,7 @@ from ..models import PatchHead
 
 __all__ = ["assign", "reconstruct", "unshuffle_known_head", "unshuffle_known_positions"]
 
-_CHUNK_ELEMENTS = 1 << 24  # bounds the [images, slots, positions, patch] scratch tensor
+_CHUNK_ELEMENTS = 1 << 22  # bounds the [images, slots, positions, patch] scratch tensor
 
 
 def assign(cost: torch.Tensor) -> torch.Tensor:
