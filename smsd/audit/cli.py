@@ -116,15 +116,16 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     same_head = shard_fingerprint == head_fingerprint(head)
     rows = audit_tokens(tokens, head, truth=truth, originals=images,
                         pixel_range=tuple(args.pixel_range), refine_steps=args.refine_steps)
+    patch_values = head.patch_embed.proj.weight[0].numel()
     context = {"images": len(tokens), "tokens_per_image": config.n_tokens,
-               "embed_dim": config.embed_dim, "patch_values": head.patch_embed.proj.weight[0]
-               .numel(), "noise_std": args.noise_std if args.shard is None else None,
+               "embed_dim": config.embed_dim, "patch_values": patch_values,
+               "noise_std": args.noise_std if args.shard is None else None,
                "shard_head_is_server_head": same_head}
     if args.json:
         print(to_json(rows, **context))
         return 0
     print(f"{len(tokens)} images × {config.n_tokens} tokens × {config.embed_dim} "
-          f"(patch values {context['patch_values']}); the shard's head "
+          f"(patch values {patch_values}); the shard's head "
           + ("is the head the server has" if same_head else
              "is NOT the server's head (a secret head): head-weight rows use the wrong head"))
     print(format_table(rows))
