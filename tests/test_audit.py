@@ -193,6 +193,8 @@ def test_cli_audits_a_shard_with_key_and_npz_images(tmp_path, capsys):
     (["--images", "digits", "--noise-std", "-1"], "--noise-std must be"),
     (["--images", "nowhere"], "--images must be 'digits'"),
     (["--shard", "missing.safetensors"], "does not exist"),
+    (["--images", "digits", "--head", "missing.pt"], "checkpoint missing.pt does not exist"),
+    (["--images", "digits", "--pixel-range", "1", "0"], "--pixel-range must be LOW < HIGH"),
 ])
 def test_cli_rejects_bad_arguments(extra, message, capsys):
     assert main(["audit", *extra]) == 2
