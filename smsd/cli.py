@@ -173,6 +173,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     add_simulate(sub)
 
 
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    from .audit.cli import add_audit
+
+    add_audit(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_backends,
     _add_check,
@@ -183,6 +189,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_finetune,
     _add_evaluate,
     _add_simulate,
+    _add_audit,
 ]
 
 

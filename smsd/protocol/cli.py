@@ -67,6 +67,8 @@ def add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="shard file to write (.safetensors)")
     _model_args(p)
     _loader_arg(p)
+    p.add_argument("--noise-std", type=float, default=0.0,
+                   help="Gaussian noise on the uploaded tokens (privacy mitigation; smsd audit)")
     p.set_defaults(func=_cmd_encode)
 
 
@@ -79,7 +81,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     # The loader's ids are the file paths relative to --data: they pick each image's
     # permutation and stay here, not in the shard.
     loader = _folder_loader(args, config, mode="encode")
-    path = Client(config, key).encode(loader, args.out)
+    path = Client(config, key, noise_std=args.noise_std).encode(loader, args.out)
     print(f"wrote {path}: {loader.num_samples} images × {config.n_tokens} tokens × "
           f"{config.embed_dim} ({loader.name} loader)")
     return 0
@@ -258,6 +260,8 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="flower: run the SMSD row through Flower's simulation engine "
                    "(needs smsd[flower])")
     _loader_arg(p)
+    p.add_argument("--noise-std", type=float, default=d.noise_std,
+                   help="Gaussian noise on the uploaded tokens (privacy mitigation; smsd audit)")
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -279,6 +283,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         smsd_body_lr_scale=args.smsd_body_lr_scale,
         pretrain=replace(cfg.pretrain, epochs=args.pretrain_epochs, seed=args.seed),
         finetune=replace(cfg.finetune, epochs=args.finetune_epochs, seed=args.seed))
+    cfg = replace(cfg, noise_std=args.noise_std)
     if args.quick:
         cfg = quick_config(cfg)
     if args.seeds:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -16,7 +17,15 @@ from ..ops import masked_sample
 from .shard import write_shard
 from .training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
 
-__all__ = ["Client"]
+__all__ = ["Client", "add_token_noise"]
+
+
+def add_token_noise(tokens: torch.Tensor, std: float, seed: int | None = None) -> torch.Tensor:
+    """``tokens`` plus i.i.d. Gaussian noise of ``std``; ``seed=None`` uses OS entropy, since
+    noise the server could regenerate would protect nothing."""
+    gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    noise = torch.randn(tokens.shape, generator=gen, dtype=torch.float32)
+    return tokens + std * noise.to(tokens.device, tokens.dtype)
 
 # A loader from smsd.data.make_loader: batches of images with labels and source indices.
 Images = torch.Tensor | Iterable[Batch]
@@ -30,12 +39,21 @@ class Client:
         key: this client's secret :class:`~smsd.crypto.PermutationKey`.
         head: optional pre-trained head (e.g. from :func:`~smsd.models.load_pretrained`);
             its fingerprint goes into every shard.
+        noise_std: std of the Gaussian noise added to every uploaded token value (a privacy
+            mitigation measured by ``smsd audit``; 0 = none). Only the shard gets noise.
+        noise_seed: seed of that noise (reproducible runs); ``None`` draws fresh OS entropy.
     """
 
     def __init__(self, model_config: ViTConfig, key: PermutationKey | None,
-                 head: PatchHead | None = None) -> None:
+                 head: PatchHead | None = None, *, noise_std: float = 0.0,
+                 noise_seed: int | None = None) -> None:
         if key is not None and not isinstance(key, PermutationKey):
             raise TypeError(f"key must be a PermutationKey, got {type(key).__name__}")
+        if isinstance(noise_std, bool) or not isinstance(noise_std, int | float) \
+                or not 0 <= noise_std < float("inf"):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        self.noise_std = float(noise_std)
+        self.noise_seed = noise_seed
         self.config = model_config
         self.key = key
         self.head = (head or PatchHead(model_config)).eval().requires_grad_(False)
@@ -99,6 +117,8 @@ class Client:
         perm = self.key.permutations(ids, n_tokens)
         keep_all = torch.arange(n_tokens).expand(n, n_tokens)
         permuted = masked_sample(tokens, keep_all, perm)  # out[b, j] = tokens[b, perm[b, j]]
+        if self.noise_std > 0:
+            permuted = add_token_noise(permuted, self.noise_std, self.noise_seed)
         return write_shard(out, permuted, head_fingerprint=self.fingerprint, grid=self.config.grid)
 
     def _tokens_and_labels(self, images: Images, labels: torch.Tensor | None

@@ -83,6 +83,9 @@ class SimulateConfig:
     # Image loader for 'folder:' data sets: "dali", "torch" or "auto" (smsd.data.make_loader).
     loader: str = "auto"
 
+    # Gaussian noise each client adds to its uploaded tokens (privacy mitigation; smsd audit).
+    noise_std: float = 0.0
+
     def __post_init__(self) -> None:
         if not self.smsd_body_lr_scale > 0:
             raise ValueError(f"smsd_body_lr_scale must be positive, got "
@@ -165,7 +168,8 @@ def _timed(fn: Callable[[], MethodResult]) -> MethodResult:
 
 def _run_smsd(cfg: SimulateConfig, data: list[ClientData], num_classes: int, work: Path,
               progress: bool) -> MethodResult:
-    clients = [Client(cfg.model, _simulation_key(cfg.seed, i)) for i in range(len(data))]
+    clients = [Client(cfg.model, _simulation_key(cfg.seed, i), noise_std=cfg.noise_std,
+                      noise_seed=cfg.seed * 1000 + i) for i in range(len(data))]
     shards = [c.encode(d.train_images, work / f"client{i}.safetensors")
               for i, (c, d) in enumerate(zip(clients, data, strict=True))]
     server = Server(cfg.model, cfg.pretrain, head_fingerprint=clients[0].fingerprint)
