@@ -1,4 +1,5 @@
-"""Image files for the loader tests: odd-sized PNG/JPEG folders and pydicom's samples."""
+"""Image files for the tests: odd-sized PNG/JPEG folders, separable class folders and
+pydicom's samples."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def write_folder(root, sizes=SIZES, classes=("a", "b")):
             rgb = rgb.astype(np.uint8)
             Image.fromarray(rgb[..., 0] if i % 2 else rgb).save(root / c / f"{i}.png")
             Image.fromarray(rgb).save(root / c / f"{i}.jpg", quality=90)
+    return root
+
+
+def write_separable_folder(root, per_class: int):
+    """Two classes of 16×16 gray PNGs that a tiny model separates: dark ("zero") and
+    bright ("one") noise."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("zero", "one")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(60 + 130 * c, 20, (16, 16)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
 
 

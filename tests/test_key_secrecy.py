@@ -9,9 +9,8 @@ import logging
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from image_files import write_separable_folder
 
 from smsd.cli import main
 from smsd.crypto import PermutationKey
@@ -23,14 +22,7 @@ MODEL_ARGS = ["--img-size", "16", "--patch-size", "4", "--in-chans", "1"]
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for c, name in enumerate(("zero", "one")):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            pixels = np.clip(rng.normal(60 + 130 * c, 20, (16, 16)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
+    return write_separable_folder(tmp_path / "data", per_class=4)
 
 
 def secret_forms(secret: bytes) -> dict[str, list[bytes]]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
+from image_files import write_separable_folder
 
 from smsd.cli import main
 
@@ -16,14 +15,7 @@ MODEL_ARGS = ["--img-size", "16", "--patch-size", "4", "--in-chans", "1"]
 
 @pytest.fixture
 def folder(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for c, name in enumerate(("zero", "one")):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            pixels = np.clip(rng.normal(60 + 130 * c, 20, (16, 16)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
+    return write_separable_folder(tmp_path / "data", per_class=6)
 
 
 def test_encode_pretrain_finetune_evaluate(tmp_path, folder, capsys):
