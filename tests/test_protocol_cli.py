@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from image_files import write_separable_folder
 
 from smsd.cli import main
@@ -117,3 +118,72 @@ def test_simulate_seeds_must_be_distinct(tmp_path, capsys):
     assert main(["simulate", "--quick", "--no-progress", "--seeds", "1", "1",
                  "--out", str(tmp_path)]) == 2
     assert "seeds must be distinct" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_finetune_with_augmentation_sees_fresh_images_every_epoch(tmp_path, folder, loader,
+                                                                  monkeypatch):
+    """``Client.finetune(augment=...)`` embeds a new augmented pass of the images each
+    epoch (the loader's fine-tuning pipeline), and still learns the task."""
+    from smsd.data import ImageSource, loader_statuses, make_loader
+    from smsd.models import ViTBody
+    from smsd.protocol import Client, FinetuneConfig
+    from smsd.protocol.simulate import default_model_config
+
+    dali = loader_statuses()["dali"]
+    if loader == "dali" and not dali.available:
+        pytest.skip(f"DALI unavailable: {dali.detail}")
+    config = default_model_config().replace(img_size=16)
+    source = ImageSource.from_folder(folder)
+    clean = make_loader(source, img_size=16, in_chans=1, loader=loader)
+    augment = make_loader(source, img_size=16, in_chans=1, mode="finetune", loader=loader,
+                          batch_size=4, seed=1)
+    client = Client(config, None)
+    passes = []
+    original = Client._loader_tokens
+
+    def spy(self, it):
+        out = original(self, it)
+        if it is augment:
+            passes.append(out)
+        return out
+
+    monkeypatch.setattr(Client, "_loader_tokens", spy)
+    torch.manual_seed(0)
+    metrics = client.finetune(ViTBody(config), clean, num_classes=2, augment=augment,
+                              config=FinetuneConfig(epochs=12, batch_size=4, lr=3e-3))
+    assert len(passes) == 12
+    tokens_by_epoch = [t[i.argsort()] for t, _, i in passes]  # back to source order
+    assert not torch.allclose(tokens_by_epoch[0], tokens_by_epoch[1])
+    assert all(torch.equal(lab[i.argsort()], passes[0][1][passes[0][2].argsort()])
+               for _, lab, i in passes)
+    assert metrics["train_accuracy"] >= 0.9
+
+
+def test_train_classifier_rejects_epoch_data_of_another_size():
+    from smsd.models import ClassifierTail, ViTBody
+    from smsd.protocol.simulate import default_model_config
+    from smsd.protocol.training import FinetuneConfig, TokenClassifier, train_classifier
+
+    config = default_model_config()
+    model = TokenClassifier(ViTBody(config), ClassifierTail(config.embed_dim, 2))
+    tokens = torch.randn(6, config.n_tokens, config.embed_dim)
+    labels = torch.tensor([0, 1] * 3)
+    with pytest.raises(ValueError, match=r"epoch_data\(0\) gave 5 images"):
+        train_classifier(model, tokens, labels, FinetuneConfig(epochs=1),
+                         epoch_data=lambda e: (tokens[:5], labels[:5]))
+
+
+def test_cli_finetune_augment(tmp_path, folder, capsys):
+    from smsd.models import PatchHead, ViTBody, head_fingerprint
+    from smsd.protocol import save_body
+    from smsd.protocol.simulate import default_model_config
+
+    config = default_model_config().replace(img_size=16)
+
+    body = save_body(tmp_path / "b.safetensors", ViTBody(config),
+                     head_fingerprint=head_fingerprint(PatchHead(config)))
+    model = tmp_path / "m.safetensors"
+    assert main(["finetune", "--body", str(body), "--data", str(folder), "--out", str(model),
+                 "--epochs", "2", "--batch-size", "4", "--augment", "--loader", "torch"]) == 0
+    assert model.is_file() and "train accuracy" in capsys.readouterr().out

@@ -165,6 +165,9 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--freeze-body", action="store_true", help="train the linear tail only")
+    p.add_argument("--augment", action="store_true",
+                   help="train each epoch on freshly augmented images (random resized crop, "
+                   "flip, brightness/contrast) from the loader's fine-tuning pipeline")
     p.add_argument("--body-lr-scale", type=float, default=PRETRAINED_BODY_LR_SCALE,
                    help="the pre-trained body's LR is lr × this (the new tail uses lr)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -194,7 +197,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     ft = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                         freeze_body=args.freeze_body, body_lr_scale=args.body_lr_scale,
                         seed=args.seed)
-    metrics = client.finetune(body, loader, num_classes=len(classes), config=ft)
+    augment = _folder_loader(args, config, mode="finetune") if args.augment else None
+    metrics = client.finetune(body, loader, num_classes=len(classes), config=ft, augment=augment)
     save_classifier(args.out, client.model, classes=classes, head_fingerprint=client.fingerprint)
     print(f"wrote {args.out}: train loss {metrics['train_loss']:.4f}, "
           f"train accuracy {100 * metrics['train_accuracy']:.2f}%")

@@ -135,10 +135,15 @@ class Client:
     def finetune(self, body: ViTBody, images: Images, labels: torch.Tensor | None = None, *,
                  num_classes: int, config: FinetuneConfig | None = None,
                  test_images: Images | None = None,
-                 test_labels: torch.Tensor | None = None) -> dict[str, float]:
+                 test_labels: torch.Tensor | None = None,
+                 augment: Iterable[Batch] | None = None) -> dict[str, float]:
         """Attach a linear classifier to a copy of ``body`` and train on labeled images
         (tokens in patch order; from one epoch of the loader when ``images`` is one,
         ``labels`` then ``None``). The result stays in ``self.model``.
+
+        ``augment``: a ``mode="finetune"`` loader over the same images (random resized
+        crop, flip, brightness/contrast...); every epoch then trains on a fresh pass of it,
+        embedded by the head. ``images`` still gives the train accuracy (unaugmented).
 
         Returns metrics: final training loss, train accuracy and, with a test set,
         test accuracy.
@@ -154,7 +159,11 @@ class Client:
             torch.manual_seed(config.seed)
             tail = ClassifierTail(body.config.embed_dim, num_classes)
         self.model = TokenClassifier(copy.deepcopy(body), tail)
-        history = train_classifier(self.model, tokens, labels, config)
+        epoch_data = None
+        if augment is not None:
+            def epoch_data(_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+                return self._loader_tokens(augment)[:2]
+        history = train_classifier(self.model, tokens, labels, config, epoch_data=epoch_data)
         metrics = {"train_loss": history[-1],
                    "train_accuracy": accuracy(self.model, tokens, labels)}
         if test_images is not None and (test_labels is not None

@@ -6,6 +6,7 @@ methods share one recipe and differ only in where the body starts and what it se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +78,15 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch.Tensor,
-                     config: FinetuneConfig) -> list[float]:
-    """Train in place; returns the mean loss of each epoch."""
+                     config: FinetuneConfig, *,
+                     epoch_data: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     ) -> list[float]:
+    """Train in place; returns the mean loss of each epoch.
+
+    ``epoch_data(epoch) -> (tokens, labels)``, when given, supplies each epoch's training
+    set instead of ``tokens``/``labels`` (e.g. freshly augmented images); it must hold as
+    many images as ``tokens``.
+    """
     if tokens.shape[0] != labels.shape[0] or tokens.shape[0] == 0:
         raise ValueError(f"need as many labels as images (>0), got {tokens.shape[0]} images "
                          f"and {labels.shape[0]} labels")
@@ -93,7 +101,12 @@ def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch
     gen = torch.Generator().manual_seed(config.seed)
     model.train()
     history, it = [], 0
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
+        if epoch_data is not None:
+            tokens, labels = epoch_data(epoch)
+            if tokens.shape[0] != n or labels.shape[0] != n:
+                raise ValueError(f"epoch_data({epoch}) gave {tokens.shape[0]} images and "
+                                 f"{labels.shape[0]} labels; the training set has {n}")
         order = torch.randperm(n, generator=gen)
         total = 0.0
         for start in range(0, n, config.batch_size):
