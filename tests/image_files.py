@@ -26,14 +26,14 @@ def write_folder(root, sizes=SIZES, classes=("a", "b")):
     return root
 
 
-def write_separable_folder(root, per_class: int):
-    """Two classes of 16×16 gray PNGs that a tiny model separates: dark ("zero") and
-    bright ("one") noise."""
-    rng = np.random.default_rng(0)
+def write_separable_folder(root, per_class: int, *, size: int = 16, seed: int = 0):
+    """Two classes of ``size``×``size`` gray PNGs that a tiny model separates: dark
+    ("zero") and bright ("one") noise."""
+    rng = np.random.default_rng(seed)
     for c, name in enumerate(("zero", "one")):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            pixels = np.clip(rng.normal(60 + 130 * c, 20, (16, 16)), 0, 255).astype(np.uint8)
+            pixels = np.clip(rng.normal(60 + 130 * c, 20, (size, size)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
 

@@ -25,6 +25,8 @@ try:
 except ImportError:  # Python 3.10: flwr depends on tomli
     import tomli as tomllib
 
+from image_files import write_separable_folder  # noqa: E402
+
 from smsd.data import make_clients  # noqa: E402
 from smsd.federation import FederationConfig, TransferError, message_bytes  # noqa: E402
 from smsd.federation.transfer import pack_file, unpack_file  # noqa: E402
@@ -239,16 +241,7 @@ def task_identity():
 
 
 def _image_folder(root: Path, seed: int, per_class: int = 8) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(("zero", "one")):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(60 + 130 * c, 20, (32, 32)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
+    return write_separable_folder(root, per_class, size=32, seed=seed)
 
 
 def test_sites_encode_with_their_key_files_and_fine_tune(tmp_path, task_identity):
