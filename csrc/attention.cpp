@@ -14,6 +14,9 @@
 // so the result is deterministic.
 #include "smsd.h"
 
+#include "cpu_isa.h"
+#include "fast_math.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/CPUFunctions.h>
 
@@ -26,55 +29,35 @@
 #include <tuple>
 #include <vector>
 
+// Floating-point exceptions are never inspected; without no-trapping-math GCC will not
+// if-convert the compares of fast_exp and row_max, and their AVX2 loops stay scalar.
+#pragma GCC optimize("no-trapping-math")
+
 namespace smsd {
 namespace {
 
 constexpr int64_t kBlockM = 128;  // query rows per forward tile (and work item)
 constexpr int64_t kBlockN = 256;  // key rows per tile; also query rows per backward tile
 
-// Vectorizable exp (Cephes single precision, ~2 ulp): glibc's expf is scalar and
-// would cost as much as the tile GEMMs. The hot loops are cloned for AVX-512 and AVX2
-// (picked at load time) and keep kLanes partial sums/maxima, since without
-// -ffast-math the compiler may not reorder a single-accumulator reduction.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define SMSD_VEC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SMSD_VEC_CLONES
-#endif
+constexpr int64_t kLanes = 16;  // independent accumulators: vector width x unroll
 
-constexpr int64_t kLanes = 16;
-
-inline float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);  // keeps 2^n a normal float
-  const float magic = 12582912.0f;           // 1.5 * 2^23: add/sub rounds to an integer
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  const float g = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * g + 1.3981999507e-3f;
-  y = y * g + 8.3334519073e-3f;
-  y = y * g + 4.1665795894e-2f;
-  y = y * g + 1.6666665459e-1f;
-  y = y * g + 5.0000001201e-1f;
-  y = y * g * g + g + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return y * two_n;
-}
+// Row bodies, inlined into one function per instruction set below. They keep kLanes
+// partial sums/maxima, since without -ffast-math the compiler may not reorder a
+// single-accumulator reduction.
 
 // x[j] = exp(x[j] - shift); returns the sum.
-SMSD_VEC_CLONES float exp_shifted_sum(float* x, int64_t n, float shift) {
+SMSD_INLINE float exp_shifted_sum_body(float* x, int64_t n, float shift) {
   float lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
-      x[j + l] = exp_poly(x[j + l] - shift);
+      x[j + l] = fast_exp(x[j + l] - shift);
       lanes[l] += x[j + l];
     }
   }
   float sum = 0.0f;
   for (; j < n; ++j) {
-    x[j] = exp_poly(x[j] - shift);
+    x[j] = fast_exp(x[j] - shift);
     sum += x[j];
   }
   for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
@@ -82,9 +65,10 @@ SMSD_VEC_CLONES float exp_shifted_sum(float* x, int64_t n, float shift) {
 }
 
 // ds[j] = p[j] * (dp[j] - delta), with p[j] = exp(s[j] - lse) computed in place in s.
-SMSD_VEC_CLONES void softmax_grad_row(float* s, float* dp, int64_t n, float lse, float delta) {
+SMSD_INLINE void softmax_grad_row_body(float* s, float* dp, int64_t n, float lse,
+                                       float delta) {
   for (int64_t j = 0; j < n; ++j) {
-    s[j] = exp_poly(s[j] - lse);
+    s[j] = fast_exp(s[j] - lse);
     dp[j] = s[j] * (dp[j] - delta);
   }
 }
@@ -92,35 +76,88 @@ SMSD_VEC_CLONES void softmax_grad_row(float* s, float* dp, int64_t n, float lse,
 // The same when the row holds every key of the view: delta = sum_j p[j] dp[j] from the
 // tile itself (the softmax backward as autograd computes it). Unlike rowsum(dO * O) it
 // does not see O's rounding to the input dtype, and a 1-token view gets ds = 0 exactly.
-SMSD_VEC_CLONES void softmax_grad_full_row(float* s, float* dp, int64_t n, float lse) {
+SMSD_INLINE void softmax_grad_full_row_body(float* s, float* dp, int64_t n, float lse) {
   float lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
-      s[j + l] = exp_poly(s[j + l] - lse);
+      s[j + l] = fast_exp(s[j + l] - lse);
       lanes[l] += s[j + l] * dp[j + l];
     }
   }
   float delta = 0.0f;
   for (; j < n; ++j) {
-    s[j] = exp_poly(s[j] - lse);
+    s[j] = fast_exp(s[j] - lse);
     delta += s[j] * dp[j];
   }
   for (int64_t l = 0; l < kLanes; ++l) delta += lanes[l];
   for (j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - delta);
 }
 
-SMSD_VEC_CLONES float row_max(const float* x, int64_t n) {
+SMSD_INLINE float row_max_body(const float* x, int64_t n) {
   float lanes[kLanes];
-  std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > x[j + l] ? lanes[l] : x[j + l];
   }
   float m = -std::numeric_limits<float>::infinity();
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  for (int64_t l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
+  for (; j < n; ++j) m = m > x[j] ? m : x[j];
+  for (int64_t l = 0; l < kLanes; ++l) m = m > lanes[l] ? m : lanes[l];
   return m;
+}
+
+SMSD_INLINE void scale_row_body(float* x, int64_t n, float alpha) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= alpha;
+}
+
+// One table of row functions per instruction set (see cpu_isa.h).
+struct RowOps {
+  float (*exp_shifted_sum)(float*, int64_t, float);
+  void (*softmax_grad_row)(float*, float*, int64_t, float, float);
+  void (*softmax_grad_full_row)(float*, float*, int64_t, float);
+  float (*row_max)(const float*, int64_t);
+  void (*scale_row)(float*, int64_t, float);
+};
+
+#define SMSD_ROW_OPS(NAME, TARGET)                                                        \
+  TARGET float exp_shifted_sum_##NAME(float* x, int64_t n, float shift) {                 \
+    return exp_shifted_sum_body(x, n, shift);                                            \
+  }                                                                                       \
+  TARGET void softmax_grad_row_##NAME(float* s, float* dp, int64_t n, float lse,          \
+                                      float delta) {                                      \
+    softmax_grad_row_body(s, dp, n, lse, delta);                                         \
+  }                                                                                       \
+  TARGET void softmax_grad_full_row_##NAME(float* s, float* dp, int64_t n, float lse) {   \
+    softmax_grad_full_row_body(s, dp, n, lse);                                           \
+  }                                                                                       \
+  TARGET float row_max_##NAME(const float* x, int64_t n) { return row_max_body(x, n); }   \
+  TARGET void scale_row_##NAME(float* x, int64_t n, float alpha) {                        \
+    scale_row_body(x, n, alpha);                                                         \
+  }                                                                                       \
+  constexpr RowOps kRowOps_##NAME{exp_shifted_sum_##NAME, softmax_grad_row_##NAME,        \
+                                  softmax_grad_full_row_##NAME, row_max_##NAME,           \
+                                  scale_row_##NAME};
+
+SMSD_ROW_OPS(baseline, )
+#if SMSD_X86_DISPATCH
+SMSD_ROW_OPS(avx2, SMSD_TARGET_AVX2)
+SMSD_ROW_OPS(avx512, SMSD_TARGET_AVX512)
+#endif
+#undef SMSD_ROW_OPS
+
+const RowOps& row_ops() {
+#if SMSD_X86_DISPATCH
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return kRowOps_avx512;
+    case Isa::kAvx2:
+      return kRowOps_avx2;
+    default:
+      break;
+  }
+#endif
+  return kRowOps_baseline;
 }
 
 // A row-major [rows x cols] matrix with leading dimension ld, as a tensor (no copy);
@@ -232,6 +269,7 @@ void forward_impl(const Layout& lay, const at::Tensor& q, const at::Tensor& k,
   float* lse_ptr = lse.data_ptr<float>();
   const int64_t items = lay.S * H * blocks;
   std::atomic<int64_t> next{0};
+  const RowOps& ops = row_ops();
   at::parallel_for(0, worker_count(items), 1, [&](int64_t, int64_t) {
     std::vector<float> qt(kBlockM * d), kt(kBlockN * d), vt(kBlockN * d), st(kBlockM * kBlockN),
         acc(kBlockM * d), m(kBlockM), l(kBlockM);
@@ -252,13 +290,11 @@ void forward_impl(const Layout& lay, const at::Tensor& q, const at::Tensor& k,
              kBlockN);
         for (int64_t i = 0; i < bm; ++i) {
           float* row = st.data() + i * kBlockN;
-          const float m_new = std::max(m[i], row_max(row, bn));
+          const float m_new = std::max(m[i], ops.row_max(row, bn));
           const float alpha = std::exp(m[i] - m_new);  // 0 on the first block
-          l[i] = l[i] * alpha + exp_shifted_sum(row, bn, m_new);
+          l[i] = l[i] * alpha + ops.exp_shifted_sum(row, bn, m_new);
           m[i] = m_new;
-          if (alpha != 1.0f) {
-            for (int64_t c = 0; c < d; ++c) acc[i * d + c] *= alpha;
-          }
+          if (alpha != 1.0f) ops.scale_row(acc.data() + i * d, d, alpha);
         }
         gemm(false, false, bm, d, bn, 1.0f, st.data(), kBlockN, vt.data(), d, 1.0f, acc.data(),
              d);
@@ -285,6 +321,7 @@ void backward_impl(const Layout& lay, const at::Tensor& grad_out, const at::Tens
   const float* lse_ptr = lse.data_ptr<float>();
   const int64_t items = lay.S * H;
   std::atomic<int64_t> next{0};
+  const RowOps& ops = row_ops();
   at::parallel_for(0, worker_count(items), 1, [&](int64_t, int64_t) {
     std::vector<float> qf(L_max * d), kf(L_max * d), vf(L_max * d), gof(L_max * d),
         dqf(L_max * d), dkf(L_max * d), dvf(L_max * d), delta(L_max), lse_f(L_max),
@@ -322,10 +359,10 @@ void backward_impl(const Layout& lay, const at::Tensor& grad_out, const at::Tens
           gemm(false, true, bm, bn, d, 1.0f, goi, d, vj, d, 0.0f, dpt.data(), kBlockN);
           for (int64_t i = 0; i < bm; ++i) {
             if (bn == L) {
-              softmax_grad_full_row(pt.data() + i * kBlockN, dpt.data() + i * kBlockN, bn,
+              ops.softmax_grad_full_row(pt.data() + i * kBlockN, dpt.data() + i * kBlockN, bn,
                                     lse_f[r0 + i]);
             } else {
-              softmax_grad_row(pt.data() + i * kBlockN, dpt.data() + i * kBlockN, bn,
+              ops.softmax_grad_row(pt.data() + i * kBlockN, dpt.data() + i * kBlockN, bn,
                                lse_f[r0 + i], delta[r0 + i]);
             }
           }

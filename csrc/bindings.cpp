@@ -1,11 +1,14 @@
 // pybind11 module smsd._C: one line per kernel, declared in smsd.h.
 #include <ATen/Parallel.h>
 
+#include "cpu_isa.h"
 #include "smsd.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "smsd C++ CPU kernels";
   m.def("num_threads", &at::get_num_threads, "threads used by at::parallel_for");
+  m.def("cpu_isa", [] { return std::string(smsd::isa_name(smsd::cpu_isa())); },
+        "vector instruction set of the row loops: avx512, avx2 or baseline (SMSD_CPU_ISA caps it)");
   m.def("masked_sample_forward", &smsd::masked_sample_forward, "masked_sample forward (CPU)",
         py::arg("x"), py::arg("index"), py::arg("perm") = py::none());
   m.def("masked_sample_backward", &smsd::masked_sample_backward, "masked_sample backward (CPU)",

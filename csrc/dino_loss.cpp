@@ -2,14 +2,18 @@
 //
 // Same algorithm as kernels/dino_loss.py. teacher_stats: the max and 1/sum-of-exps of
 // (teacher - center) / teacher_temp for every teacher row (once per row, not per
-// pair) and the teacher's column sums. student: per student row (v, b), one
-// log-sum-exp over K, then Q = sum over teacher views i != v of softmax_i, the row's
-// loss -sum Q log_softmax and its gradient scale * (n_pairs * p - Q) / student_temp.
-// Parallel over rows; inner loops are plain fixed-width loops that GCC vectorizes,
-// with an exp written for that (std::exp does not vectorize without -ffast-math),
-// compiled for baseline x86-64 and for AVX2 (chosen at run time).
-// Half types are read into fp32 and accumulated in fp32.
+// pair) and the teacher's column sums. student: per batch item b, the softmax of each
+// of its teacher views (one exp per teacher element); then per student row (v, b) one
+// exp per element for its log-sum-exp and softmax p, Q = sum over teacher views
+// i != v of softmax_i (additions only), the row's loss -sum Q log_softmax and its
+// gradient scale * (n_pairs * p - Q) / student_temp. Parallel over batch items; inner
+// loops are plain fixed-width loops that GCC vectorizes, with fast_exp (std::exp does
+// not vectorize without -ffast-math), compiled for baseline x86-64, AVX2 and AVX-512
+// (chosen at run time, cpu_isa.h). Half types are read into fp32 and accumulated in fp32.
 #include "smsd.h"
+
+#include "cpu_isa.h"
+#include "fast_math.h"
 
 #include <ATen/Parallel.h>
 
@@ -30,13 +34,6 @@
 namespace smsd {
 namespace {
 
-// Helpers are inlined into each row body, so their loops get that body's instruction set.
-#if defined(__GNUC__)
-#define SMSD_HELPER inline __attribute__((always_inline))
-#else
-#define SMSD_HELPER inline
-#endif
-
 constexpr int64_t kLanes = 16;  // independent accumulators: vector width x unroll
 // Elements per parallel task: below this a thread hand-off costs more than it saves
 // (and on a busy machine a barrier can wait for a descheduled thread).
@@ -46,36 +43,12 @@ inline int64_t grain(int64_t per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_item, 1));
 }
 
-// exp(x) = 2^n exp(r), |r| <= ln2 / 2, degree-7 polynomial (rel. error ~1e-8 before
-// rounding); branch-free so loops over it vectorize. NaN stays NaN; x < -87 gives 0.
-SMSD_HELPER float fast_exp(float x) {
-  // Ternaries, not std::min/max (compiled before the pragma above); NaN passes through.
-  float xc = x < -87.0f ? -87.0f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
-  constexpr float kRound = 12582912.0f;                    // 1.5 * 2^23: round to nearest
-  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float y = p * scale;
-  return x < -87.0f ? 0.0f : y;
-}
-
 template <typename scalar_t>
-SMSD_HELPER void load_scaled(const scalar_t* src, int64_t K, float mul, float* dst) {
+SMSD_INLINE void load_scaled(const scalar_t* src, int64_t K, float mul, float* dst) {
   for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]) * mul;
 }
 
-SMSD_HELPER float max_of(const float* x, int64_t K) {
+SMSD_INLINE float max_of(const float* x, int64_t K) {
   float lanes[kLanes];
   std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
   int64_t k = 0;
@@ -91,40 +64,40 @@ struct SoftmaxStats {
   float max, sum;  // log-sum-exp = max + log(sum)
 };
 
-// Max and sum of exp(x - max); a NaN anywhere gives NaN through the sum.
-SMSD_HELPER SoftmaxStats softmax_stats(const float* x, int64_t K) {
+// Max and sum of exp(x - max); with kStore, also writes exp(x - max) to e. A NaN
+// anywhere gives NaN through the sum.
+template <bool kStore>
+SMSD_INLINE SoftmaxStats softmax_stats(const float* x, int64_t K, float* e) {
   float m = max_of(x, K);
   if (std::isinf(m)) m = 0.0f;  // all -inf (or +inf present): let the sum decide
   float lanes[kLanes] = {};
   int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += fast_exp(x[k + j] - m);
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float y = fast_exp(x[k + j] - m);
+      if constexpr (kStore) e[k + j] = y;
+      lanes[j] += y;
+    }
+  }
   double sum = 0.0;
   for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
-  for (; k < K; ++k) sum += fast_exp(x[k] - m);
+  for (; k < K; ++k) {
+    const float y = fast_exp(x[k] - m);
+    if constexpr (kStore) e[k] = y;
+    sum += y;
+  }
   return {m, static_cast<float>(sum)};
 }
 
-// The row bodies are compiled twice: for the x86-64 baseline (SSE2) and, called when
-// the CPU has them, for AVX2+FMA+F16C (twice the vector width; the extension is built
-// without -march flags so that it runs anywhere). SMSD_ROW inlines them into each.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define SMSD_ROW inline __attribute__((always_inline))
-#define SMSD_HAVE_AVX2_PATH 1
-#else
-#define SMSD_ROW inline
-#define SMSD_HAVE_AVX2_PATH 0
-#endif
-
 template <typename scalar_t>
-SMSD_ROW SoftmaxStats teacher_row(const scalar_t* row, const float* center, float inv_tt,
-                                  int64_t K, float* x) {
+SMSD_INLINE SoftmaxStats teacher_row(const scalar_t* row, const float* center, float inv_tt,
+                                     int64_t K, float* x) {
   for (int64_t k = 0; k < K; ++k) x[k] = (static_cast<float>(row[k]) - center[k]) * inv_tt;
-  return softmax_stats(x, K);
+  return softmax_stats<false>(x, K, nullptr);
 }
 
 struct StudentArgs {
-  int64_t row_offset, batch, n_teacher_views;
+  int64_t row_offset, rows, batch, n_teacher_views;
   float inv_ts, inv_tt, grad_scale;
 };
 
@@ -136,94 +109,125 @@ struct TeacherView {
   const float* inv_sum;
 };
 
-// Loss of student row ``row`` (global index); writes its gradient to g_row if not null.
+// Scratch of one thread: 3 student rows and one softmax row per teacher view.
+struct Scratch {
+  std::vector<float> x, e, q, teacher;
+  Scratch(int64_t K, int64_t n_teacher_views)
+      : x(K), e(K), q(K), teacher(K * n_teacher_views) {}
+};
+
+// Every student row (v, b) of this call for one batch item b: the softmax of b's
+// teacher views once (as teacher_stats rounded them: the same (t - c) / T, no FMA
+// contraction), then per row the loss and, if g is not null, its gradient.
 template <typename scalar_t>
-SMSD_ROW float student_row(const scalar_t* s_row, const TeacherView& tv, const StudentArgs& a,
-                           int64_t row, int64_t K, float* x, float* q, scalar_t* g_row) {
-  const int64_t v = row / a.batch, b = row % a.batch;
+SMSD_INLINE void batch_item(const scalar_t* s, int64_t s_stride, const TeacherView& tv,
+                            const StudentArgs& a, int64_t b, int64_t K, Scratch& w,
+                            scalar_t* g, int64_t g_stride, float* row_loss) {
   const scalar_t* t = static_cast<const scalar_t*>(tv.data);
-  load_scaled(s_row, K, a.inv_ts, x);
-  // logp = (x - max) - log(sum), as log_softmax: x - lse would shift the whole row
-  // by lse's rounding (an ulp of a large number) and bias the loss.
-  const SoftmaxStats st = softmax_stats(x, K);
-  const float log_sum = std::log(st.sum);
-  for (int64_t k = 0; k < K; ++k) x[k] = (x[k] - st.max) - log_sum;  // x is now logp
-  std::fill(q, q + K, 0.0f);
-  int64_t n_pairs = 0;
-  for (int64_t i = 0; i < a.n_teacher_views; ++i) {
-    if (i == v) continue;
-    ++n_pairs;
+  const int64_t T = a.n_teacher_views;
+  for (int64_t i = 0; i < T; ++i) {
     const int64_t t_row = i * a.batch + b;
     const scalar_t* trow = t + t_row * tv.stride;
     const float shift = tv.max[t_row], inv = tv.inv_sum[t_row];
-    // exp(x - max) / sum, as softmax: each q row sums to 1 up to rounding.
+    float* qi = w.teacher.data() + i * K;
+    // exp(x - max) / sum, as softmax: each row sums to 1 up to rounding.
     for (int64_t k = 0; k < K; ++k)
-      q[k] += fast_exp((static_cast<float>(trow[k]) - tv.center[k]) * a.inv_tt - shift) * inv;
+      qi[k] = fast_exp((static_cast<float>(trow[k]) - tv.center[k]) * a.inv_tt - shift) * inv;
   }
-  // Loss: -sum_k q_k logp_k, fp32 lanes then fp64.
-  float lanes[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] -= q[k + l] * x[k + l];
-  double loss = 0.0;
-  for (int64_t l = 0; l < kLanes; ++l) loss += lanes[l];
-  for (; k < K; ++k) loss -= q[k] * x[k];
-  if (g_row != nullptr) {
-    const float g_scale = a.grad_scale * a.inv_ts, pairs = static_cast<float>(n_pairs);
-    // In fp32 scratch first, then one conversion pass (vectorizes for every scalar_t).
-    for (int64_t kk = 0; kk < K; ++kk) x[kk] = (pairs * fast_exp(x[kk]) - q[kk]) * g_scale;
-    for (int64_t kk = 0; kk < K; ++kk) g_row[kk] = static_cast<scalar_t>(x[kk]);
+  // Global rows row = v * batch + b inside [row_offset, row_offset + rows).
+  const int64_t first = a.row_offset, last = a.row_offset + a.rows;
+  int64_t v = first <= b ? 0 : (first - b + a.batch - 1) / a.batch;
+  for (int64_t row; (row = v * a.batch + b) < last; ++v) {
+    const int64_t j = row - first;  // row within this call
+    float* x = w.x.data();
+    float* e = w.e.data();
+    float* q = w.q.data();
+    load_scaled(s + j * s_stride, K, a.inv_ts, x);
+    const SoftmaxStats st = softmax_stats<true>(x, K, e);
+    // logp = (x - max) - log(sum), as log_softmax: x - lse would shift the whole row
+    // by lse's rounding (an ulp of a large number) and bias the loss.
+    const float log_sum = std::log(st.sum), inv_sum = 1.0f / st.sum;
+    int64_t n_pairs = 0;
+    for (int64_t i = 0; i < T; ++i) {
+      if (i == v) continue;
+      const float* qi = w.teacher.data() + i * K;
+      if (n_pairs++ == 0) {
+        std::copy(qi, qi + K, q);
+      } else {
+        for (int64_t k = 0; k < K; ++k) q[k] += qi[k];
+      }
+    }
+    if (n_pairs == 0) std::fill(q, q + K, 0.0f);
+    // Loss: -sum_k q_k logp_k, fp32 lanes then fp64.
+    float lanes[kLanes] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] -= q[k + l] * ((x[k + l] - st.max) - log_sum);
+    double loss = 0.0;
+    for (int64_t l = 0; l < kLanes; ++l) loss += lanes[l];
+    for (; k < K; ++k) loss -= q[k] * ((x[k] - st.max) - log_sum);
+    row_loss[j] = static_cast<float>(loss);
+    if (g != nullptr) {
+      const float g_scale = a.grad_scale * a.inv_ts, pairs = static_cast<float>(n_pairs);
+      scalar_t* g_row = g + j * g_stride;
+      // In fp32 scratch first, then one conversion pass (vectorizes for every scalar_t).
+      for (int64_t kk = 0; kk < K; ++kk) x[kk] = (pairs * (e[kk] * inv_sum) - q[kk]) * g_scale;
+      for (int64_t kk = 0; kk < K; ++kk) g_row[kk] = static_cast<scalar_t>(x[kk]);
+    }
   }
-  return static_cast<float>(loss);
 }
 
+// One function per instruction set for each row body (see cpu_isa.h).
 template <typename scalar_t>
-SoftmaxStats teacher_row_base(const scalar_t* row, const float* center, float inv_tt,
-                              int64_t K, float* x) {
-  return teacher_row(row, center, inv_tt, K, x);
-}
+struct RowFns {
+  using Teacher = SoftmaxStats (*)(const scalar_t*, const float*, float, int64_t, float*);
+  using Item = void (*)(const scalar_t*, int64_t, const TeacherView&, const StudentArgs&,
+                        int64_t, int64_t, Scratch&, scalar_t*, int64_t, float*);
+  Teacher teacher;
+  Item item;
+};
 
-template <typename scalar_t>
-float student_row_base(const scalar_t* s_row, const TeacherView& tv, const StudentArgs& a,
-                       int64_t row, int64_t K, float* x, float* q, scalar_t* g_row) {
-  return student_row(s_row, tv, a, row, K, x, q, g_row);
-}
+#define SMSD_ROW_FNS(NAME, TARGET)                                                          \
+  template <typename scalar_t>                                                              \
+  TARGET SoftmaxStats teacher_row_##NAME(const scalar_t* row, const float* center,          \
+                                         float inv_tt, int64_t K, float* x) {               \
+    return teacher_row(row, center, inv_tt, K, x);                                          \
+  }                                                                                         \
+  template <typename scalar_t>                                                              \
+  TARGET void batch_item_##NAME(const scalar_t* s, int64_t s_stride, const TeacherView& tv, \
+                                const StudentArgs& a, int64_t b, int64_t K, Scratch& w,     \
+                                scalar_t* g, int64_t g_stride, float* row_loss) {           \
+    batch_item(s, s_stride, tv, a, b, K, w, g, g_stride, row_loss);                         \
+  }
 
-#if SMSD_HAVE_AVX2_PATH
-template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) SoftmaxStats teacher_row_avx2(
-    const scalar_t* row, const float* center, float inv_tt, int64_t K, float* x) {
-  return teacher_row(row, center, inv_tt, K, x);
-}
-
-template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) float student_row_avx2(
-    const scalar_t* s_row, const TeacherView& tv, const StudentArgs& a, int64_t row, int64_t K,
-    float* x, float* q, scalar_t* g_row) {
-  return student_row(s_row, tv, a, row, K, x, q, g_row);
-}
-
-// SMSD_CPU_BASELINE=1 forces the baseline bodies (so tests can cover both paths).
-bool cpu_has_avx2() {
-  static const bool has = [] {
-    const char* force = std::getenv("SMSD_CPU_BASELINE");
-    if (force != nullptr && std::strcmp(force, "1") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return has;
-}
+SMSD_ROW_FNS(baseline, )
+#if SMSD_X86_DISPATCH
+SMSD_ROW_FNS(avx2, SMSD_TARGET_AVX2)
+SMSD_ROW_FNS(avx512, SMSD_TARGET_AVX512)
 #endif
+#undef SMSD_ROW_FNS
+
+template <typename scalar_t>
+RowFns<scalar_t> row_fns() {
+#if SMSD_X86_DISPATCH
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return {&teacher_row_avx512<scalar_t>, &batch_item_avx512<scalar_t>};
+    case Isa::kAvx2:
+      return {&teacher_row_avx2<scalar_t>, &batch_item_avx2<scalar_t>};
+    default:
+      break;
+  }
+#endif
+  return {&teacher_row_baseline<scalar_t>, &batch_item_baseline<scalar_t>};
+}
 
 template <typename scalar_t>
 void teacher_stats_impl(const at::Tensor& teacher, const float* center, float inv_tt,
                         float* row_max, float* row_inv_sum, float* colsum) {
   const int64_t rows = teacher.size(0), K = teacher.size(1), stride = teacher.stride(0);
   const scalar_t* t = teacher.data_ptr<scalar_t>();
-  auto row_stats = &teacher_row_base<scalar_t>;
-#if SMSD_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) row_stats = &teacher_row_avx2<scalar_t>;
-#endif
+  const auto row_stats = row_fns<scalar_t>().teacher;
   at::parallel_for(0, rows, grain(K), [&](int64_t begin, int64_t end) {
     std::vector<float> x(K);
     for (int64_t r = begin; r < end; ++r) {
@@ -246,18 +250,19 @@ void teacher_stats_impl(const at::Tensor& teacher, const float* center, float in
 template <typename scalar_t>
 void student_impl(const at::Tensor& student, const TeacherView& tv, scalar_t* grad,
                   int64_t grad_stride, const StudentArgs& a, float* row_loss) {
-  const int64_t rows = student.size(0), K = student.size(1), s_stride = student.stride(0);
+  const int64_t K = student.size(1), s_stride = student.stride(0);
   const scalar_t* s = student.data_ptr<scalar_t>();
-  auto row_fn = &student_row_base<scalar_t>;
-#if SMSD_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) row_fn = &student_row_avx2<scalar_t>;
-#endif
-  at::parallel_for(0, rows, grain(K), [&](int64_t begin, int64_t end) {
-    std::vector<float> x(K), q(K);
-    for (int64_t j = begin; j < end; ++j) {
-      scalar_t* g_row = grad != nullptr ? grad + j * grad_stride : nullptr;
-      row_loss[j] = row_fn(s + j * s_stride, tv, a, a.row_offset + j, K, x.data(), q.data(),
-                           g_row);
+  const auto item = row_fns<scalar_t>().item;
+  // Work items are batch items b: each computes b's teacher softmax rows once and every
+  // student row of b in this call (rows of one b never span two items: deterministic).
+  const int64_t items = std::min(a.batch, a.rows);
+  const int64_t rows_per_item = (a.rows + items - 1) / items;
+  at::parallel_for(0, items, grain(K * (rows_per_item + a.n_teacher_views)),
+                   [&](int64_t begin, int64_t end) {
+    Scratch w(K, a.n_teacher_views);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = (a.row_offset + i) % a.batch;  // the call's rows start at any b
+      item(s, s_stride, tv, a, b, K, w, grad, grad_stride, row_loss);
     }
   });
 }
@@ -327,7 +332,7 @@ at::Tensor dino_loss_student(const at::Tensor& student_in, const at::Tensor& tea
   const at::Tensor teacher_inv_sum = teacher_inv_sum_in.contiguous();
   at::Tensor row_loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
   if (student.numel() == 0) return row_loss;
-  const StudentArgs args{row_offset, batch, n_teacher_views,
+  const StudentArgs args{row_offset, student.size(0), batch, n_teacher_views,
                          static_cast<float>(1.0 / student_temp),
                          static_cast<float>(1.0 / teacher_temp), static_cast<float>(grad_scale)};
   const TeacherView tv{teacher.data_ptr(), teacher.stride(0), center.data_ptr<float>(),

@@ -92,7 +92,11 @@ def _cpp_status() -> BackendStatus:
             "the C++ extension smsd._C is not built "
             f"(pip install -e . --no-build-isolation): {exc}",
         )
-    return BackendStatus("cpp", True, f"smsd._C, {ext.num_threads()} threads")
+    try:
+        isa = ext.cpu_isa()
+    except RuntimeError as exc:  # an SMSD_CPU_ISA value it does not know
+        return BackendStatus("cpp", False, str(exc).splitlines()[0])
+    return BackendStatus("cpp", True, f"smsd._C, {ext.num_threads()} threads, {isa} row loops")
 
 
 def _torch_status() -> BackendStatus:

@@ -16,6 +16,14 @@ import torch
 import smsd
 from smsd.backend import CORE_BACKENDS
 
+# The second numeric environment (Makefile: test-numerics) emulates a CPU without
+# AVX-512 by capping torch's kernels (ATEN_CPU_CAPABILITY). torch's oneDNN paths ask the
+# CPU itself, not that cap, and bf16 SDPA then dies in an AVX-512-only packing routine
+# ("pack_vnni2 is only supported when avx512 is supported"). A CPU that lacks AVX-512
+# never takes those paths, so oneDNN is turned off to match it.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    torch.backends.mkldnn.enabled = False
+
 # `make test` sets SMSD_REQUIRE_BACKENDS so that a backend that failed to build fails
 # the run instead of being skipped.
 REQUIRED = {b for b in os.environ.get("SMSD_REQUIRE_BACKENDS", "").split(",") if b}

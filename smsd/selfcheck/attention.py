@@ -6,7 +6,7 @@ import torch
 
 from ..backend import use_backend
 from ..ops import attention, reference
-from ..testing import Accuracy, accuracy
+from ..testing import Accuracy, accuracy, rounding_floor
 from . import Result
 
 BACKENDS = ("triton", "cpp", "torch")
@@ -21,26 +21,36 @@ def compare(dtype, inputs64, grad64, **kwargs) -> dict[str, Accuracy]:
 
     ``inputs64`` are float64 q, k, v; the kernel and the plain-PyTorch baseline (the
     reference, i.e. gather + ``F.scaled_dot_product_attention``, run in ``dtype``) get
-    them rounded to ``dtype``; the reference gets those rounded values in float64.
+    them rounded to ``dtype``; the reference gets those rounded values in float64. The
+    fp32 rounding floor uses the longest accumulation, ``max(view length, d)``.
     """
+    rounded = [t.to(dtype).double() for t in (*inputs64, grad64)]
+    runs = {
+        "kernel": _run(attention, dtype, rounded, kwargs),
+        "plain": _run(reference.attention, dtype, rounded, kwargs),
+        "reference": _run(reference.attention, torch.float64, rounded, kwargs),
+    }
+    n = max(_longest_view(inputs64[0], **kwargs), inputs64[0].shape[-1])
+    floors = rounding_floor(
+        lambda *xs: _run(reference.attention, torch.float64, xs, kwargs), rounded, n)
     results = {}
-    runs = {}
-    for name, fn, run_dtype in (
-        ("kernel", attention, dtype),
-        ("plain", reference.attention, dtype),
-        ("reference", reference.attention, torch.float64),
-    ):
-        leaves = [t.to(dtype).to(run_dtype).requires_grad_(True) for t in inputs64]
-        out = fn(*leaves, **kwargs)
-        out.backward(grad64.to(dtype).to(run_dtype))
-        runs[name] = [out.detach(), *(t.grad for t in leaves)]
     for i, label in enumerate(("out", "dq", "dk", "dv")):
-        results[label] = accuracy(runs["kernel"][i], runs["plain"][i], runs["reference"][i])
+        results[label] = accuracy(runs["kernel"][i], runs["plain"][i], runs["reference"][i],
+                                  floor=floors[i])
     if _longest_view(inputs64[0], **kwargs) == 1:
         for i, label in ((1, "dq"), (2, "dk")):
             results[label] = _cancellation_bound(runs["kernel"][i], inputs64, grad64, dtype,
                                                  kwargs)
     return results
+
+
+def _run(fn, dtype, tensors, kwargs) -> list[torch.Tensor]:
+    """``fn(q, k, v, **kwargs)`` in ``dtype`` and its gradients for upstream ``grad``."""
+    *qkv, grad = tensors
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_(True) for t in qkv]
+    out = fn(*leaves, **kwargs)
+    out.backward(grad.to(dtype))
+    return [out.detach(), *(t.grad for t in leaves)]
 
 
 def _longest_view(q, *, index=None, cu_seqlens=None, scale=None) -> int:
