@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.6.0
 STAMP  := $(VENV)/.smsd-installed
 
-.PHONY: setup test demo bench check lint wheel clean
+.PHONY: setup test test-numerics demo bench check lint wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,29 @@ setup: $(STAMP)
 
 test: setup
 	SMSD_REQUIRE_BACKENDS=triton,cpp,torch $(PY) -m pytest -q tests
+
+# The accuracy tests and `smsd check` again under the numerics of other CPUs, since fp32
+# results depend on which kernels a CPU gets: (1) an AVX2-only CPU such as AMD EPYC
+# (smsd's AVX2 row loops, torch's AVX2 kernels, MKL's AVX2 code path); (2) the portable
+# build on one thread with MKL's conditional numerical reproducibility mode and torch's
+# default kernels. Forcing torch below this CPU's ISA makes its oneDNN bf16 paths crash
+# (they ask the CPU, not the cap); a CPU without AVX-512 never takes them, so oneDNN is
+# off here too (as tests/conftest.py does).
+ACCURACY_TESTS := tests/test_attention.py tests/test_dino_loss.py \
+	tests/test_fused_linear_dino_loss.py tests/test_masked_sample.py tests/test_sample_views.py \
+	tests/test_attention_module.py tests/test_dino_loss_module.py tests/test_testing.py
+NUMERIC_ENVS := "SMSD_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2" \
+	"SMSD_CPU_ISA=baseline ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1"
+CHECK_WITHOUT_ONEDNN := import torch; torch.backends.mkldnn.enabled = False; \
+	from smsd.cli import main; raise SystemExit(main(['check', '--triton-interpret']))
+
+test-numerics: setup
+	@for e in $(NUMERIC_ENVS); do \
+	  echo "== numeric environment: $$e"; \
+	  env $$e SMSD_REQUIRE_BACKENDS=triton,cpp,torch $(PY) -m pytest -q $(ACCURACY_TESTS) || exit 1; \
+	  out=$$(env $$e $(PY) -c "$(CHECK_WITHOUT_ONEDNN)") || { echo "$$out"; exit 1; }; \
+	  echo "$$out" | tail -n 1; \
+	done
 
 demo: setup
 	$(VENV)/bin/smsd simulate --out demo-out

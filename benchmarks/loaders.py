@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from smsd.bench.cpu_info import cpu_summary
 from smsd.data import ImageSource, loader_statuses, make_loader
 
 SUFFIX = {"jpeg": ".jpg", "png": ".png", "dicom": ".dcm"}
@@ -104,7 +104,7 @@ def main() -> None:
                           f" build {row['build_s']:.2f} s, first epoch "
                           f"{row['first_epoch_s']:.2f} s)", flush=True)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "machine": platform.processor() or platform.machine(), "threads": args.threads,
+            "machine": cpu_summary(), "threads": args.threads,
             "device": args.device, "torch": torch.__version__,
             "loaders": {k: v.detail for k, v in loader_statuses().items()},
             "command": "python benchmarks/loaders.py " + " ".join(

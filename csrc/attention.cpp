@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 // Floating-point exceptions are never inspected; without no-trapping-math GCC will not
@@ -36,7 +37,7 @@
 namespace smsd {
 namespace {
 
-constexpr int64_t kBlockM = 128;  // query rows per forward tile (and work item)
+constexpr int64_t kBlockM = 256;  // query rows per forward tile (and work item)
 constexpr int64_t kBlockN = 256;  // key rows per tile; also query rows per backward tile
 
 constexpr int64_t kLanes = 16;  // independent accumulators: vector width x unroll
@@ -231,6 +232,10 @@ struct Layout {
   int64_t out_offset(int64_t s, int64_t h, int64_t r) const {
     return cu ? ((cu[s] + r) * H + h) * d : ((s * H + h) * M + r) * d;
   }
+  // Elements between consecutive input-side rows of one head (no index).
+  int64_t in_row_stride(const at::Tensor& t) const { return cu ? t.stride(0) : t.stride(2); }
+  // Elements between consecutive output-side rows of one head.
+  int64_t out_row_stride() const { return cu ? H * d : d; }
   // Offset in lse / delta: [S, H, M] dense, [H, T] packed.
   int64_t stat_offset(int64_t s, int64_t h, int64_t r) const {
     return cu ? h * total + cu[s] + r : (s * H + h) * M + r;
@@ -260,6 +265,38 @@ void load_rows(const Layout& lay, const at::Tensor& t, int64_t s, int64_t h, int
   }
 }
 
+// fp32 rows that are not read through `index` are already a strided matrix BLAS can
+// use in place: no copy, and gradients are written straight into their (fresh,
+// contiguous) tensors. An input whose rows overlap (an expanded tensor: row stride < d)
+// is no valid BLAS matrix and is gathered instead.
+template <typename scalar_t>
+bool in_place(const Layout& lay) {
+  return std::is_same_v<scalar_t, float> && lay.index == nullptr;
+}
+
+template <typename scalar_t>
+bool in_place(const Layout& lay, const at::Tensor& t) {
+  return in_place<scalar_t>(lay) && lay.in_row_stride(t) >= lay.d;
+}
+
+// Rows [r0, r0 + rows) of (s, h) as an fp32 matrix: in place (ld = the tensor's row
+// stride) or gathered and converted into `scratch` (ld = d).
+struct Rows {
+  const float* data;
+  int64_t ld;
+};
+
+template <typename scalar_t>
+Rows input_rows(const Layout& lay, const at::Tensor& t, int64_t s, int64_t h, int64_t r0,
+                int64_t rows, float* scratch) {
+  if (in_place<scalar_t>(lay, t)) {
+    const float* base = reinterpret_cast<const float*>(t.data_ptr<scalar_t>());
+    return {base + lay.in_offset(t, s, h, lay.token(s, r0)), lay.in_row_stride(t)};
+  }
+  load_rows<scalar_t>(lay, t, s, h, r0, rows, scratch);
+  return {scratch, lay.d};
+}
+
 template <typename scalar_t>
 void forward_impl(const Layout& lay, const at::Tensor& q, const at::Tensor& k,
                   const at::Tensor& v, float scale, at::Tensor& out, at::Tensor& lse) {
@@ -278,26 +315,25 @@ void forward_impl(const Layout& lay, const at::Tensor& q, const at::Tensor& k,
       const int64_t L = lay.length(s), r0 = blk * kBlockM;
       if (r0 >= L) continue;
       const int64_t bm = std::min(kBlockM, L - r0);
-      load_rows<scalar_t>(lay, q, s, h, r0, bm, qt.data());
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      const Rows qi = input_rows<scalar_t>(lay, q, s, h, r0, bm, qt.data());
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
       for (int64_t c0 = 0; c0 < L; c0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, L - c0);
-        load_rows<scalar_t>(lay, k, s, h, c0, bn, kt.data());
-        load_rows<scalar_t>(lay, v, s, h, c0, bn, vt.data());
-        gemm(false, true, bm, bn, d, scale, qt.data(), d, kt.data(), d, 0.0f, st.data(),
+        const Rows kj = input_rows<scalar_t>(lay, k, s, h, c0, bn, kt.data());
+        const Rows vj = input_rows<scalar_t>(lay, v, s, h, c0, bn, vt.data());
+        gemm(false, true, bm, bn, d, scale, qi.data, qi.ld, kj.data, kj.ld, 0.0f, st.data(),
              kBlockN);
         for (int64_t i = 0; i < bm; ++i) {
           float* row = st.data() + i * kBlockN;
           const float m_new = std::max(m[i], ops.row_max(row, bn));
-          const float alpha = std::exp(m[i] - m_new);  // 0 on the first block
-          l[i] = l[i] * alpha + ops.exp_shifted_sum(row, bn, m_new);
+          l[i] = l[i] * std::exp(m[i] - m_new) + ops.exp_shifted_sum(row, bn, m_new);
+          if (c0 > 0 && m[i] != m_new) ops.scale_row(acc.data() + i * d, d, std::exp(m[i] - m_new));
           m[i] = m_new;
-          if (alpha != 1.0f) ops.scale_row(acc.data() + i * d, d, alpha);
         }
-        gemm(false, false, bm, d, bn, 1.0f, st.data(), kBlockN, vt.data(), d, 1.0f, acc.data(),
-             d);
+        // The first key block initializes the accumulator (beta = 0): no zero fill.
+        gemm(false, false, bm, d, bn, 1.0f, st.data(), kBlockN, vj.data, vj.ld,
+             c0 == 0 ? 0.0f : 1.0f, acc.data(), d);
       }
       for (int64_t i = 0; i < bm; ++i) {
         scalar_t* dst = out_ptr + lay.out_offset(s, h, r0 + i);
@@ -320,63 +356,87 @@ void backward_impl(const Layout& lay, const at::Tensor& grad_out, const at::Tens
   const scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const float* lse_ptr = lse.data_ptr<float>();
   const int64_t items = lay.S * H;
+  const bool direct = in_place<scalar_t>(lay);
   std::atomic<int64_t> next{0};
   const RowOps& ops = row_ops();
   at::parallel_for(0, worker_count(items), 1, [&](int64_t, int64_t) {
-    std::vector<float> qf(L_max * d), kf(L_max * d), vf(L_max * d), gof(L_max * d),
-        dqf(L_max * d), dkf(L_max * d), dvf(L_max * d), delta(L_max), lse_f(L_max),
+    // Scratch for gathered/converted rows; the output side is unused in place.
+    const int64_t out_rows = direct ? 0 : L_max * d;
+    std::vector<float> qf(L_max * d), kf(L_max * d), vf(L_max * d), gof(out_rows),
+        dqf(out_rows), dkf(out_rows), dvf(out_rows), delta(L_max), lse_f(L_max),
         pt(kBlockN * kBlockN), dpt(kBlockN * kBlockN);
     std::vector<char> covered(lay.index ? lay.total : 0);
     for (int64_t item; (item = next.fetch_add(1)) < items;) {
       const int64_t s = item / H, h = item % H, L = lay.length(s);
       if (L == 0 && !lay.index) continue;
-      load_rows<scalar_t>(lay, q, s, h, 0, L, qf.data());
-      load_rows<scalar_t>(lay, k, s, h, 0, L, kf.data());
-      load_rows<scalar_t>(lay, v, s, h, 0, L, vf.data());
+      const Rows qa = input_rows<scalar_t>(lay, q, s, h, 0, L, qf.data());
+      const Rows ka = input_rows<scalar_t>(lay, k, s, h, 0, L, kf.data());
+      const Rows va = input_rows<scalar_t>(lay, v, s, h, 0, L, vf.data());
+      Rows go{gof.data(), d};
+      if (direct) {
+        go = {reinterpret_cast<const float*>(go_ptr) + lay.out_offset(s, h, 0),
+              lay.out_row_stride()};
+      }
       for (int64_t r = 0; r < L; ++r) {
         const scalar_t* g = go_ptr + lay.out_offset(s, h, r);
         const scalar_t* o = out_ptr + lay.out_offset(s, h, r);
         float dot = 0.0f;  // delta = rowsum(dO * O), the softmax-backward correction
         for (int64_t c = 0; c < d; ++c) {
-          gof[r * d + c] = static_cast<float>(g[c]);
-          dot += gof[r * d + c] * static_cast<float>(o[c]);
+          const float gc = static_cast<float>(g[c]);
+          if (!direct) gof[r * d + c] = gc;
+          dot += gc * static_cast<float>(o[c]);
         }
         delta[r] = dot;
         lse_f[r] = lse_ptr[lay.stat_offset(s, h, r)];
       }
-      std::fill(dqf.begin(), dqf.begin() + L * d, 0.0f);
-      std::fill(dkf.begin(), dkf.begin() + L * d, 0.0f);
-      std::fill(dvf.begin(), dvf.begin() + L * d, 0.0f);
+      // Where dQ/dK/dV of (s, h) accumulate: the gradient tensors themselves (in place)
+      // or fp32 scratch that is converted and scattered below.
+      float* grad_rows[3];
+      int64_t grad_ld = d;
+      if (direct) {
+        at::Tensor* const grads[] = {&dq, &dk, &dv};
+        for (int g = 0; g < 3; ++g) {
+          grad_rows[g] = reinterpret_cast<float*>(grads[g]->data_ptr<scalar_t>()) +
+                         lay.in_offset(*grads[g], s, h, lay.token(s, 0));
+        }
+        grad_ld = lay.in_row_stride(dq);
+      } else {
+        grad_rows[0] = dqf.data();
+        grad_rows[1] = dkf.data();
+        grad_rows[2] = dvf.data();
+      }
       for (int64_t c0 = 0; c0 < L; c0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, L - c0);
-        const float* kj = kf.data() + c0 * d;
-        const float* vj = vf.data() + c0 * d;
+        const float* kj = ka.data + c0 * ka.ld;
+        const float* vj = va.data + c0 * va.ld;
         for (int64_t r0 = 0; r0 < L; r0 += kBlockN) {
           const int64_t bm = std::min(kBlockN, L - r0);
-          const float* qi = qf.data() + r0 * d;
-          const float* goi = gof.data() + r0 * d;
-          gemm(false, true, bm, bn, d, scale, qi, d, kj, d, 0.0f, pt.data(), kBlockN);
-          gemm(false, true, bm, bn, d, 1.0f, goi, d, vj, d, 0.0f, dpt.data(), kBlockN);
+          const float* qi = qa.data + r0 * qa.ld;
+          const float* goi = go.data + r0 * go.ld;
+          gemm(false, true, bm, bn, d, scale, qi, qa.ld, kj, ka.ld, 0.0f, pt.data(), kBlockN);
+          gemm(false, true, bm, bn, d, 1.0f, goi, go.ld, vj, va.ld, 0.0f, dpt.data(), kBlockN);
           for (int64_t i = 0; i < bm; ++i) {
             if (bn == L) {
               ops.softmax_grad_full_row(pt.data() + i * kBlockN, dpt.data() + i * kBlockN, bn,
-                                    lse_f[r0 + i]);
+                                        lse_f[r0 + i]);
             } else {
               ops.softmax_grad_row(pt.data() + i * kBlockN, dpt.data() + i * kBlockN, bn,
-                               lse_f[r0 + i], delta[r0 + i]);
+                                   lse_f[r0 + i], delta[r0 + i]);
             }
           }
-          // pt now holds P and dpt holds dS.
-          gemm(true, false, bn, d, bm, 1.0f, pt.data(), kBlockN, goi, d, 1.0f,
-               dvf.data() + c0 * d, d);
-          gemm(true, false, bn, d, bm, scale, dpt.data(), kBlockN, qi, d, 1.0f,
-               dkf.data() + c0 * d, d);
-          gemm(false, false, bm, d, bn, scale, dpt.data(), kBlockN, kj, d, 1.0f,
-               dqf.data() + r0 * d, d);
+          // pt now holds P and dpt holds dS. The first contribution to a block of dK/dV
+          // (r0 == 0) or of dQ (c0 == 0) initializes it (beta = 0).
+          const float kv_beta = r0 == 0 ? 0.0f : 1.0f, q_beta = c0 == 0 ? 0.0f : 1.0f;
+          gemm(true, false, bn, d, bm, 1.0f, pt.data(), kBlockN, goi, go.ld, kv_beta,
+               grad_rows[2] + c0 * grad_ld, grad_ld);
+          gemm(true, false, bn, d, bm, scale, dpt.data(), kBlockN, qi, qa.ld, kv_beta,
+               grad_rows[1] + c0 * grad_ld, grad_ld);
+          gemm(false, false, bm, d, bn, scale, dpt.data(), kBlockN, kj, ka.ld, q_beta,
+               grad_rows[0] + r0 * grad_ld, grad_ld);
         }
       }
+      if (direct) continue;
       at::Tensor* const grads[] = {&dq, &dk, &dv};
-      const float* const sources[] = {dqf.data(), dkf.data(), dvf.data()};
       if (lay.index) {  // tokens outside the view: zero gradient
         std::fill(covered.begin(), covered.end(), 0);
         for (int64_t r = 0; r < L; ++r) covered[lay.token(s, r)] = 1;
@@ -385,7 +445,8 @@ void backward_impl(const Layout& lay, const at::Tensor& grad_out, const at::Tens
         scalar_t* base = grads[g]->data_ptr<scalar_t>();
         for (int64_t r = 0; r < L; ++r) {
           scalar_t* dst = base + lay.in_offset(*grads[g], s, h, lay.token(s, r));
-          for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(sources[g][r * d + c]);
+          const float* src = grad_rows[g] + r * d;
+          for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(src[c]);
         }
         if (!lay.index) continue;
         for (int64_t t = 0; t < lay.total; ++t) {

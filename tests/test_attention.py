@@ -132,6 +132,38 @@ def test_non_contiguous_inputs(backend):
         torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+def test_strided_and_expanded_inputs_without_index(backend, layout):
+    """Without ``index`` the cpp kernel hands fp32 rows to BLAS in place: q and v sliced
+    out of one qkv projection (row stride 3*H*d), k expanded from one token (row stride
+    0: no valid BLAS matrix, so it must be gathered). Gradients flow back through both."""
+    N, H, d = 37, 2, 32
+    qkv64 = torch.randn(N, 3, H, d, dtype=torch.float64)
+    key64 = torch.randn(1, H, d, dtype=torch.float64)
+    grad64 = torch.randn(N, H, d, dtype=torch.float64)
+    kwargs = {} if layout == "dense" else {"cu_seqlens": _cu([20, 17])}
+
+    def views(qkv, key):
+        q, k, v = qkv[:, 0], key.expand(N, H, d), qkv[:, 2]
+        if layout == "dense":  # [1, H, N, d]
+            return [t.transpose(0, 1)[None] for t in (q, k, v)]
+        return [q, k, v]
+
+    def run(fn, dtype):
+        qkv = qkv64.to(dtype).requires_grad_(True)
+        key = key64.to(dtype).requires_grad_(True)
+        q, k, v = views(qkv, key)
+        assert not any(t.is_contiguous() for t in (q, k, v))
+        out = fn(q, k, v, **kwargs)
+        grad = grad64.to(dtype)
+        out.backward(grad.transpose(0, 1)[None] if layout == "dense" else grad)
+        return out.detach(), qkv.grad, key.grad
+
+    for got, want in zip(run(attention, torch.float32), run(reference.attention, torch.float64),
+                         strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_empty_view(backend):
     q, k, v = (t.float().requires_grad_(True) for t in _qkv(2, 2, 10, 32))
     out = attention(q, k, v, index=torch.zeros(2, 0, dtype=torch.long))

@@ -45,6 +45,12 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     report = json.loads(result.read_text())
     assert report["environment"]["card"].startswith("CPU")
     assert report["environment"]["copy_ceiling_GBps"] > 0
+    # The header names the CPU model (/proc/cpuinfo) and the ISA each kernel family used.
+    cpu = report["environment"]["cpu"]
+    header = out.splitlines()[0]
+    assert cpu["model"] in header and f"CPU ISA {cpu['cpu_isa']}" in header
+    assert f"smsd row loops {cpu['smsd_row_loops']}" in header
+    assert cpu["smsd_row_loops"] in ("avx512", "avx2", "baseline")
     rows = report["rows"]
     assert {r["backend"] for r in rows} >= {"torch.gather", "torch 2x gather"}
     assert all(r["median_ms"] > 0 for r in rows)

@@ -16,6 +16,7 @@ import torch
 from ..backend import BackendUnavailableError, backends
 from ..io import atomic_write_bytes
 from . import OPS, Case, cases_for
+from .cpu_info import cpu_info, cpu_summary
 
 __all__ = ["copy_ceiling_gbps", "environment", "run", "time_ms"]
 
@@ -82,7 +83,8 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["card"] = torch.cuda.get_device_name(device)
     else:
-        env["card"] = f"CPU ({os.cpu_count()} cores)"
+        env["cpu"] = cpu_info()
+        env["card"] = f"CPU {cpu_summary(env['cpu'])}"
     try:
         import triton
 
