@@ -122,10 +122,8 @@ def _status(name: str) -> BackendStatus:
 
 
 class BackendReport(dict):
-    """``{name: BackendStatus}``; prints as a table. ``loaders``: the image loaders'
-    status (:func:`smsd.data.loaders.loader_statuses`), printed as a second table."""
-
-    loaders: dict[str, BackendStatus]
+    """``{name: BackendStatus}`` of the ops' backends; prints as a table. (The image
+    loaders report themselves: :func:`smsd.data.loader_statuses`.)"""
 
     def __str__(self) -> str:
         width = max(len(n) for n in self)
@@ -134,19 +132,13 @@ class BackendReport(dict):
             mark = "yes" if status.available else "no"
             lines.append(f"{status.name:<{width}}  {mark:<9}  {status.detail}")
         lines.append(f"requested: {get_backend()}")
-        for status in getattr(self, "loaders", {}).values():
-            mark = "yes" if status.available else "no"
-            lines.append(f"loader {status.name:<{width}}  {mark:<9}  {status.detail}")
         return "\n".join(lines)
 
 
 def backends() -> BackendReport:
-    """Which backends (and image loaders) can run on this machine and, for each missing
-    one, why."""
+    """Which backends can run on this machine and, for each missing one, why."""
     _status.cache_clear()
-    report = BackendReport((name, _status(name)) for name in _STATUS_PROBES)
-    report.loaders = importlib.import_module("smsd.data.loaders").loader_statuses()
-    return report
+    return BackendReport((name, _status(name)) for name in _STATUS_PROBES)
 
 
 def _check_name(name: str) -> str:

@@ -33,8 +33,12 @@ def _add_backends(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_backends(args: argparse.Namespace) -> int:
     from .backend import backends
+    from .data import loader_statuses
 
     print(backends())
+    for status in loader_statuses().values():
+        mark = "yes" if status.available else "no"
+        print(f"loader {status.name:<6}  {mark:<9}  {status.detail}")
     return 0
 
 

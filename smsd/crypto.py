@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import positive_int
 from .errors import KeyFileError
 from .io import atomic_write_bytes
 
@@ -166,8 +167,7 @@ class PermutationKey:
         Same key and id give the same permutation; different ids give independent ones.
         Ids are ints (>= 0), strings or bytes; ``1`` and ``"1"`` are different ids.
         """
-        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-            raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+        positive_int("n_tokens", n_tokens)
         if isinstance(image_ids, torch.Tensor):
             if image_ids.dtype.is_floating_point or image_ids.dim() != 1:
                 raise ValueError("image_ids as a tensor must be 1-D integers")

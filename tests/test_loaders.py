@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from image_files import SIZES, dicom_files, write_folder
 
-import smsd
 from smsd.backend import BackendStatus, BackendUnavailableError
+from smsd.cli import main
 from smsd.data import (
     Augment,
     DataError,
@@ -192,7 +192,7 @@ def test_corrupt_files_name_the_file(tmp_path):
 
 
 # ------------------------------------------------------------ choice, report
-def test_loader_choice_is_logged_and_reported(folder, monkeypatch, caplog):
+def test_loader_choice_is_logged_and_reported(folder, monkeypatch, caplog, capsys):
     source = ImageSource.from_folder(folder)
     missing = BackendStatus("dali", False, "DALI is not importable (test)")
     monkeypatch.setattr(loaders, "_dali_status", lambda: missing)
@@ -202,9 +202,11 @@ def test_loader_choice_is_logged_and_reported(folder, monkeypatch, caplog):
     assert "loader 'auto' uses torch" in caplog.text and "not importable (test)" in caplog.text
     with pytest.raises(BackendUnavailableError, match="not importable"):
         make_loader(source, img_size=8, in_chans=1, loader="dali")
-    report = smsd.backends()
-    assert report.loaders["dali"] is missing and report.loaders["torch"].available
-    assert "loader dali" in str(report) and "loader torch" in str(report)
+    report = loaders.loader_statuses()
+    assert report["dali"] is missing and report["torch"].available
+    assert main(["backends"]) == 0
+    shown = capsys.readouterr().out
+    assert "loader dali" in shown and "loader torch" in shown and "not importable (test)" in shown
 
 
 @pytest.mark.parametrize("options,error,match", [

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..checks import non_negative_int, positive_int
 from ..models import PatchHead
 
 __all__ = ["assign", "reconstruct", "unshuffle_known_head", "unshuffle_known_positions"]
@@ -117,10 +118,8 @@ def unshuffle_known_positions(tokens: torch.Tensor, pos_embed: torch.Tensor, pat
     ``patch_dim`` principal directions of ``token - pos[guess]`` as ``W``'s column space
     and rescores by the distance outside it. Returns int64 ``[n, N]``.
     """
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
-        raise ValueError(f"refine_steps must be an int >= 0, got {refine_steps!r}")
-    if isinstance(patch_dim, bool) or not isinstance(patch_dim, int) or patch_dim < 1:
-        raise ValueError(f"patch_dim must be a positive int, got {patch_dim!r}")
+    non_negative_int("refine_steps", refine_steps)
+    positive_int("patch_dim", patch_dim)
     pos = pos_embed.detach().double().cpu().reshape(-1, pos_embed.shape[-1])
     t = _check_tokens(tokens, *pos.shape)
     guess = assign(torch.cdist(t, pos[None]).pow(2))

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ..backend import BackendStatus, BackendUnavailableError
+from ..checks import positive_int
 from .source import ImageSource, shard_range
 from .transforms import Augment, eval_transform, to_channels, train_transform
 
@@ -45,11 +46,6 @@ class Batch(NamedTuple):
     indices: torch.Tensor  # positions in the source, e.g. to look up ids
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 @dataclass(frozen=True)
 class LoaderSpec:
     """What a loader produces. ``encode``/``eval`` modes: deterministic transforms in
@@ -74,7 +70,7 @@ class LoaderSpec:
 
     def __post_init__(self) -> None:
         for name in ("img_size", "batch_size", "num_shards", "num_threads"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans!r}")
         if self.mode not in MODES:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..checks import positive_int
+
 __all__ = ["ClientData", "dirichlet_split", "make_clients"]
 
 
@@ -17,8 +19,7 @@ def dirichlet_split(labels: torch.Tensor, n_clients: int, alpha: float, seed: in
     Small ``alpha`` gives strong label skew. Redraws (seeded) until every client has at
     least ``min_size`` samples, as in the usual FL benchmarks.
     """
-    if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
-        raise ValueError(f"n_clients must be a positive int, got {n_clients!r}")
+    positive_int("n_clients", n_clients)
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha!r}")
     labels_np = labels.cpu().numpy()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from ..checks import positive_int
 from ..protocol.simulate import SimulateConfig, quick_config
 from .transfer import DEFAULT_CHUNK_BYTES
 
@@ -38,9 +39,7 @@ class FederationConfig:
     wait_s: float = 3600.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) \
-                or self.chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive int, got {self.chunk_bytes!r}")
+        positive_int("chunk_bytes", self.chunk_bytes)
         if not self.wait_s > 0:
             raise ValueError(f"wait_s must be positive, got {self.wait_s!r}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
+from ..checks import positive_int
 from ..errors import SmsdError
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "TransferError", "message_bytes", "pack_file", "unpack_file"]
@@ -34,8 +35,7 @@ def pack_file(data: bytes, kind: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """``data`` → ``(ArrayRecord of chunks, ConfigRecord describing them)``."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    positive_int("chunk_bytes", chunk_bytes)
     if not isinstance(data, bytes) or not data:
         raise ValueError("data must be non-empty bytes")
     view = memoryview(data)

@@ -7,12 +7,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import non_negative_int, positive_int
+
 __all__ = ["ViTConfig", "vit_base", "vit_small", "vit_tiny"]
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -45,10 +42,8 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-            _positive_int(name, getattr(self, name))
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
-                or self.num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+            positive_int(name, getattr(self, name))
+        non_negative_int("num_classes", self.num_classes)
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}"

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checks import positive_int
+
 __all__ = ["sample_views", "view_size"]
 
 
@@ -40,8 +42,7 @@ def sample_views(
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
         raise ValueError(f"batch must be a non-negative int, got {batch!r}")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+    positive_int("n_tokens", n_tokens)
     if isinstance(keep, (int, float)) or len(keep) == 0:
         raise ValueError(f"keep must be a non-empty sequence of ratios, got {keep!r}")
     sizes = []

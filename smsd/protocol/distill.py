@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checks import non_negative_int
 from ..models import DINOHead, ViTBody
 from ..nn import DINOLoss
 from ..ops import fused_linear_dino_loss, masked_sample
@@ -216,9 +217,7 @@ class DistillStep:
         if fused_gather and not packed:
             raise ValueError("fused_gather=True lays views out as one packed batch: it needs "
                              "packed=True")
-        if isinstance(checkpoint_blocks, bool) or not isinstance(checkpoint_blocks, int) \
-                or checkpoint_blocks < 0:
-            raise ValueError(f"checkpoint_blocks must be an int >= 0, got {checkpoint_blocks!r}")
+        non_negative_int("checkpoint_blocks", checkpoint_blocks)
         if checkpoint_blocks and not fused_gather:
             raise ValueError("checkpoint_blocks applies to the packed layout of "
                              "fused_gather=True; set fused_gather=True")

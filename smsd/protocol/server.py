@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..checks import non_negative_int, positive_ints
 from ..errors import SmsdError
 from ..models import DINOHead, ViTBody, ViTConfig
 from ..nn import DINOLoss
@@ -87,11 +88,8 @@ class PretrainConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim",
-                     "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_ints(self, "epochs", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim",
+                      "checkpoint_every")
         if len(self.global_keep) != 2:
             raise ValueError("global_keep must list exactly 2 ratios (DINO's teacher sees two "
                              f"global views), got {self.global_keep!r}")
@@ -99,9 +97,7 @@ class PretrainConfig:
             for ratio in getattr(self, name):
                 if not 0.0 < ratio <= 1.0:
                     raise ValueError(f"{name} ratios must be in (0, 1], got {ratio!r}")
-        steps = self.checkpoint_every_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"checkpoint_every_steps must be an int >= 0 (0 = off), got {steps!r}")
+        non_negative_int("checkpoint_every_steps", self.checkpoint_every_steps, "0 = off")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not self.koleo_weight >= 0:
