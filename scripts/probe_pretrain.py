@@ -17,17 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smsd.data import make_clients
+from smsd.experiments import SimulateConfig
+from smsd.experiments.methods import initial_body
 from smsd.protocol.client import Client
 from smsd.protocol.server import Server
-from smsd.protocol.simulate import (
-    SimulateConfig,
-    _load_dataset,
-    _new_classifier,
-    _simulation_key,
-    initial_body,
-)
-from smsd.protocol.training import accuracy, train_classifier
+from smsd.protocol.training import TokenClassifier, accuracy, train_classifier
 
 
 @torch.no_grad()
@@ -74,29 +68,28 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = SimulateConfig()
-    model = base.model.replace(patch_embed_gain=args.patch_gain, pos_embed_scale=args.pos_scale,
-                               init_std=args.init_std)
-    pre = replace(base.pretrain, epochs=args.epochs, lr=args.lr, batch_size=args.batch,
+    model = base.recipe.model.replace(patch_embed_gain=args.patch_gain,
+                                      pos_embed_scale=args.pos_scale, init_std=args.init_std)
+    pre = replace(base.recipe.pretrain, epochs=args.epochs, lr=args.lr, batch_size=args.batch,
                   warmup_epochs=args.warmup, momentum_teacher=args.momentum,
                   out_dim=args.out_dim, teacher_temp=args.teacher_temp,
                   warmup_teacher_temp=min(args.teacher_temp, 0.04),
                   student_temp=args.student_temp, koleo_weight=args.koleo,
                   global_keep=(args.global_keep,) * 2, local_keep=(args.local_keep,) * args.local)
-    cfg = replace(base, model=model, pretrain=pre,
-                  finetune=replace(base.finetune, body_lr_scale=args.body_lr_scale))
-    images, labels, ncls = _load_dataset(cfg.dataset, model)
-    data = make_clients(images, labels, cfg.clients, cfg.alpha, cfg.labeled_fraction,
-                        cfg.test_fraction, cfg.seed)
+    finetune = replace(base.recipe.finetune, body_lr_scale=args.body_lr_scale)
+    cfg = replace(base, recipe=replace(base.recipe, model=model, pretrain=pre,
+                                       finetune=finetune))
+    data, ncls, _ = cfg.split.load(img_size=model.img_size, in_chans=model.in_chans)
     probe = Client(model, None)
     lab_t = torch.cat([probe.tokens(d.labeled_images) for d in data])
     lab_y = torch.cat([d.labeled_labels for d in data]).numpy()
     test_t = torch.cat([probe.tokens(d.test_images) for d in data])
     test_y = torch.cat([d.test_labels for d in data]).numpy()
-    init = initial_body(model, pre.seed)
+    init = initial_body(cfg)
     result = {"tag": args.tag, **vars(args), "init": probes(init, lab_t, lab_y, test_t, test_y)}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        clients = [Client(model, _simulation_key(cfg.seed, i)) for i in range(len(data))]
+        clients = [Client(model, cfg.split.client_key(i)) for i in range(len(data))]
         shards = [c.encode(d.train_images, Path(tmp) / f"c{i}.safetensors")
                   for i, (c, d) in enumerate(zip(clients, data, strict=True))]
         server = Server(model, pre, head_fingerprint=clients[0].fingerprint)
@@ -108,8 +101,8 @@ def main() -> None:
         for name, b in (("smsd", body), ("ft_only", init)):
             accs = []
             for d in data:
-                m = _new_classifier(b, ncls, cfg.seed)
-                train_classifier(m, probe.tokens(d.labeled_images), d.labeled_labels, cfg.finetune)
+                m = TokenClassifier.from_body(b, ncls, seed=cfg.seed + 1)
+                train_classifier(m, probe.tokens(d.labeled_images), d.labeled_labels, finetune)
                 accs.append(accuracy(m, probe.tokens(d.test_images), d.test_labels))
             result[name] = round(100 * sum(accs) / len(accs), 2)
     print(json.dumps(result), flush=True)

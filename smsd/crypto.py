@@ -69,6 +69,16 @@ class PermutationKey:
         """A fresh key from the operating system's CSPRNG."""
         return cls(secrets.token_bytes(KEY_BYTES))
 
+    @classmethod
+    def derive(cls, label: str) -> PermutationKey:
+        """A reproducible key: SHA-256 of ``label``. Anyone who knows the label has the
+        key, so it protects nothing; it is for simulations and tests, where every run
+        must draw the same permutations (``smsd simulate`` derives
+        ``"smsd/simulate/{seed}/{client}"``). Real clients use :meth:`generate`."""
+        if not isinstance(label, str) or not label:
+            raise ValueError("label must be a non-empty str")
+        return cls(hashlib.sha256(label.encode()).digest())
+
     @property
     def fingerprint(self) -> str:
         """A short public identifier of the key (a hash; reveals nothing usable)."""

@@ -21,9 +21,8 @@ from smsd.audit import (
 from smsd.cli import main
 from smsd.crypto import PermutationKey
 from smsd.data import load_digits
-from smsd.models import PatchHead, ViTConfig
+from smsd.models import PatchHead, ViTConfig, model_config
 from smsd.protocol import Client, read_shard
-from smsd.protocol.simulate import default_model_config
 
 N_IMAGES = 12
 CHANCE = 1 / 64  # 64 tokens per image in the demo model
@@ -31,7 +30,7 @@ CHANCE = 1 / 64  # 64 tokens per image in the demo model
 
 def _shard(tmp_path, noise_std=0.0, client_config=None):
     """The demo model's shard of a few digits, its ground truth and the originals."""
-    config = default_model_config()
+    config = model_config("demo")
     images = load_digits(config.img_size)[0][:N_IMAGES]
     key = PermutationKey.generate()
     client = Client(client_config or config, key, noise_std=noise_std, noise_seed=1)
@@ -66,7 +65,7 @@ def test_noise_lowers_what_the_attacks_recover(tmp_path):
 
 
 def test_secret_head_seed_hides_pixels_not_positions(tmp_path):
-    config = default_model_config()
+    config = model_config("demo")
     rows = _rows(tmp_path, client_config=config.replace(head_seed=12345))
     assert rows["nearest position"].positions_correct > 0.9  # the sin-cos table is public
     assert rows["known head + inversion"].psnr_db < rows["chance (random order)"].psnr_db + 5
@@ -90,7 +89,7 @@ def test_exact_tokens_are_put_back_and_inverted_exactly(in_chans, img_size, patc
 
 def test_patch_wider_than_embedding_uses_the_pixel_prior():
     # 48 patch values > embed_dim 16: nothing lies outside W's span; the attack still runs.
-    config = default_model_config(16, 3).replace(embed_dim=16, num_heads=2)
+    config = model_config("demo", img_size=16, in_chans=3).replace(embed_dim=16, num_heads=2)
     head = PatchHead(config).eval()
     with torch.no_grad():
         tokens = head(torch.rand(3, 3, 16, 16) * 2 - 1)
@@ -125,7 +124,8 @@ def test_metrics_match_closed_forms():
 
 
 def test_bad_inputs_raise_clear_errors():
-    config = default_model_config(8, 1).replace(patch_size=4, embed_dim=16, num_heads=2)
+    config = model_config("demo", img_size=8, in_chans=1, patch_size=4, embed_dim=16,
+                          num_heads=2)
     head = PatchHead(config)
     tokens = torch.randn(2, 4, 16)
     with pytest.raises(ValueError, match=r"tokens must have shape \[n, 4, 16\]"):
@@ -147,7 +147,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_noise_without_a_seed_is_fresh(tmp_path):
-    config = default_model_config(8, 1).replace(patch_size=4, embed_dim=16, num_heads=2)
+    config = model_config("demo", img_size=8, in_chans=1, patch_size=4, embed_dim=16,
+                          num_heads=2)
     key, images = PermutationKey.generate(), torch.rand(2, 1, 8, 8)
     shards = [read_shard(Client(config, key, noise_std=0.1).encode(images, tmp_path / f"{i}"))
               for i in range(2)]
@@ -168,7 +169,7 @@ def test_cli_audits_its_own_encoding_as_json(capsys):
 
 
 def test_cli_audits_a_shard_with_key_and_npz_images(tmp_path, capsys):
-    config = default_model_config(16, 1)
+    config = model_config("demo", img_size=16, in_chans=1)
     images = torch.rand(4, 1, 16, 16) * 2 - 1
     key_file, shard, npz = tmp_path / "c.key", tmp_path / "s.safetensors", tmp_path / "x.npz"
     key = PermutationKey.generate()
@@ -202,7 +203,7 @@ def test_cli_rejects_bad_arguments(extra, message, capsys):
 
 
 def test_cli_rejects_mismatched_images(tmp_path, capsys):
-    config = default_model_config(16, 1)
+    config = model_config("demo", img_size=16, in_chans=1)
     shard, npz = tmp_path / "s.safetensors", tmp_path / "x.npz"
     Client(config, PermutationKey.generate()).encode(torch.rand(3, 1, 16, 16), shard)
     np.savez(npz, images=np.zeros((2, 1, 16, 16), np.float32))
@@ -220,4 +221,4 @@ def test_simulate_quick_with_noise(tmp_path, capsys):
     out = tmp_path / "sim"
     assert main(["simulate", "--quick", "--no-progress", "--noise-std", "0.5",
                  "--out", str(out)]) == 0
-    assert json.loads((out / "results.json").read_text())["config"]["noise_std"] == 0.5
+    assert json.loads((out / "results.json").read_text())["config"]["recipe"]["noise_std"] == 0.5

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from smsd.crypto import PermutationKey
-from smsd.models import vit_tiny
+from smsd.models import model_config, vit_tiny
 from smsd.protocol import Client, PretrainConfig, PretrainError, Server, load_body
 from smsd.protocol.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -27,7 +27,6 @@ from smsd.protocol.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from smsd.protocol.simulate import default_model_config
 
 MODEL = vit_tiny(patch_size=4, img_size=16, in_chans=1, embed_dim=16, depth=1, num_heads=2)
 # 20 images, batch 8: 2 steps per epoch; a checkpoint after every step (mid-epoch too).
@@ -163,7 +162,7 @@ def test_checkpoint_every_steps_and_deterministic_mode(shard, monkeypatch):
 
 
 # ----------------------------------------------------------------- kill -9
-CLI_MODEL = default_model_config(img_size=16, in_chans=1)  # --model demo --img-size 16
+CLI_MODEL = model_config("demo", img_size=16, in_chans=1)  # --model demo --img-size 16
 
 
 def _pretrain_cli(shard: Path, out: Path, *extra: str) -> list[str]:

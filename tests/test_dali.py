@@ -174,10 +174,10 @@ def test_auto_picks_dali_and_says_so(folder, caplog):
 
 def test_client_encodes_the_same_tokens_through_either_loader(folder, tmp_path):
     from smsd.crypto import PermutationKey
+    from smsd.models import model_config
     from smsd.protocol import Client, read_shard
-    from smsd.protocol.simulate import default_model_config
 
-    client = Client(default_model_config(img_size=16, in_chans=1), PermutationKey.generate())
+    client = Client(model_config("demo", img_size=16, in_chans=1), PermutationKey.generate())
     source = ImageSource.from_folder(folder)
     dali, torch_ = both(source, img_size=16, in_chans=1, batch_size=7)
     a = read_shard(client.encode(dali, tmp_path / "dali.safetensors"))

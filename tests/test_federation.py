@@ -27,17 +27,13 @@ except ImportError:  # Python 3.10: flwr depends on tomli
 
 from image_files import write_separable_folder  # noqa: E402
 
-from smsd.data import make_clients  # noqa: E402
+from smsd.data import DataSplit  # noqa: E402
+from smsd.experiments import SimulateConfig  # noqa: E402
 from smsd.federation import FederationConfig, TransferError, message_bytes  # noqa: E402
 from smsd.federation.transfer import pack_file, unpack_file  # noqa: E402
 from smsd.protocol.client import Client  # noqa: E402
 from smsd.protocol.shard import SHARD_FORMAT, inspect_shard, read_shard  # noqa: E402
-from smsd.protocol.simulate import (  # noqa: E402
-    SimulateConfig,
-    _load_dataset,
-    _simulation_key,
-    quick_config,
-)
+from smsd.recipe import Recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 4096  # the quick body is ~15 KB and each shard ~1 MB: both are split
@@ -88,7 +84,7 @@ def test_pyproject_flower_app_is_complete_and_its_config_parses():
     assert tool["components"] == {"serverapp": "smsd.federation.server_app:app",
                                   "clientapp": "smsd.federation.client_app:app"}
     cfg = FederationConfig.from_run_config(tool["config"])
-    assert cfg.simulate.clients == tool["config"]["clients"]
+    assert cfg.split.clients == tool["config"]["clients"]
     assert cfg.chunk_bytes == tool["config"]["chunk-bytes"]
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -108,7 +104,7 @@ def test_run_config_errors_name_the_key():
     with pytest.raises(TypeError, match="'quick' must be bool"):
         FederationConfig.from_run_config({"quick": "true"})
     quick = FederationConfig.from_run_config({"quick": True, "wait-s": 5})
-    assert quick.simulate.pretrain.epochs == 1 and quick.wait_s == 5.0
+    assert quick.recipe.pretrain.epochs == 1 and quick.wait_s == 5.0
 
 
 # ---------------------------------------------------------------- simulation
@@ -116,9 +112,9 @@ def test_run_config_errors_name_the_key():
 def federation():
     from smsd.federation import run_flower_simulation
 
-    cfg = replace(quick_config(SimulateConfig()), clients=3)
+    cfg = SimulateConfig(clients=3).quick()
     seen = []
-    result = run_flower_simulation(cfg, chunk_bytes=CHUNK,
+    result = run_flower_simulation(cfg.recipe, cfg.split, chunk_bytes=CHUNK,
                                    observe=lambda way, msg: seen.append((way, msg)))
     return cfg, result, seen
 
@@ -140,7 +136,7 @@ def test_three_nodes_upload_once_and_download_once(federation):
 
 def test_keys_never_cross_the_wire(federation):
     cfg, _, seen = federation
-    secrets = [_simulation_key(cfg.seed, i)._secret for i in range(cfg.clients)]
+    secrets = [cfg.split.client_key(i)._secret for i in range(cfg.clients)]
     needles = [s for secret in secrets for s in (secret, secret.hex().encode())]
     scanned = 0
     for _, message in seen:
@@ -156,9 +152,8 @@ def test_server_receives_exactly_the_shard_each_node_encodes(federation, tmp_pat
     metadata of a local encode of that partition with that node's key (the file bytes
     may differ only in the order safetensors writes header keys)."""
     cfg, _, seen = federation
-    images, labels, _ = _load_dataset(cfg.dataset, cfg.model)
-    parts = make_clients(images, labels, cfg.clients, cfg.alpha, cfg.labeled_fraction,
-                         cfg.test_fraction, cfg.seed)
+    model = cfg.recipe.model
+    parts, _, _ = cfg.split.load(img_size=model.img_size, in_chans=model.in_chans)
     shards = [m.content for way, m in seen if way == "up" and "shard" in m.content]
     assert len(shards) == cfg.clients
     for content in shards:
@@ -166,7 +161,7 @@ def test_server_receives_exactly_the_shard_each_node_encodes(federation, tmp_pat
         assert isinstance(content["shard.meta"], ConfigRecord)
         pid = int(content["site"]["partition-id"])
         received = unpack_file(content["shard"], content["shard.meta"], SHARD_FORMAT, "t")
-        local = Client(cfg.model, _simulation_key(cfg.seed, pid)).encode(
+        local = Client(cfg.recipe.model, cfg.split.client_key(pid)).encode(
             parts[pid].train_images, tmp_path / f"local{pid}.safetensors")
         path = tmp_path / f"received{pid}.safetensors"
         path.write_bytes(received)
@@ -177,10 +172,10 @@ def test_server_receives_exactly_the_shard_each_node_encodes(federation, tmp_pat
 
 
 def test_simulate_rejects_an_unknown_engine():
-    from smsd.protocol.simulate import simulate
+    from smsd.experiments import simulate
 
     with pytest.raises(ValueError, match="engine must be"):
-        simulate(quick_config(SimulateConfig()), engine="grpc")
+        simulate(SimulateConfig().quick(), engine="grpc")
 
 
 @pytest.mark.slow
@@ -189,13 +184,12 @@ def test_flower_engine_reproduces_the_local_smsd_row(federation, tmp_path):
     the local engine's (``smsd simulate``'s SMSD row). Fine-tuning runs in a one-thread
     Ray actor there and in this process here, so float sums may differ in the last bits
     and flip a borderline prediction: one test image per client is allowed."""
-    from smsd.protocol.simulate import _run_smsd
+    from smsd.experiments.methods import Clients, smsd
 
     cfg, result, _ = federation
-    images, labels, num_classes = _load_dataset(cfg.dataset, cfg.model)
-    parts = make_clients(images, labels, cfg.clients, cfg.alpha, cfg.labeled_fraction,
-                         cfg.test_fraction, cfg.seed)
-    local = _run_smsd(cfg, parts, num_classes, tmp_path, progress=False)
+    model = cfg.recipe.model
+    parts, num_classes, _ = cfg.split.load(img_size=model.img_size, in_chans=model.in_chans)
+    local = smsd(cfg, Clients.embed(cfg, parts, num_classes), tmp_path, progress=False)
     for node, acc, part in zip(result.nodes, local.accuracies, parts, strict=True):
         images_off = abs(node.metrics["test_accuracy"] - acc) * part.test_labels.numel()
         assert images_off < 1 + 1e-6
@@ -257,11 +251,12 @@ def test_sites_encode_with_their_key_files_and_fine_tune(tmp_path, task_identity
         data = _image_folder(tmp_path / f"site{node}", seed=node)
         configs[node] = {"train-dir": str(data), "test-dir": str(data),
                          "key-file": str(tmp_path / f"site{node}.key")}
-    cfg = replace(quick_config(SimulateConfig()), clients=2)
-    cfg = replace(cfg, pretrain=replace(cfg.pretrain, batch_size=8))
+    recipe = Recipe().quick()
+    recipe = replace(recipe, pretrain=replace(recipe.pretrain, batch_size=8))
     seen = []
     result = run_protocol(InProcessGrid(make_client_app(), configs),
-                          FederationConfig(simulate=cfg, chunk_bytes=CHUNK, wait_s=5),
+                          FederationConfig(recipe=recipe, split=DataSplit(clients=2),
+                                           chunk_bytes=CHUNK, wait_s=5),
                           observe=lambda way, msg: seen.append(msg))
     assert [(n.node_id, n.uploads, n.downloads) for n in result.nodes] == [(11, 1, 1),
                                                                           (22, 1, 1)]
@@ -277,13 +272,13 @@ def test_a_failing_site_is_named(tmp_path, task_identity):
     from smsd.federation.server_app import FederationError, run_protocol
 
     configs = {5: {"train-dir": str(_image_folder(tmp_path / "a", 0))}, 9: {}}
-    cfg = replace(quick_config(SimulateConfig()), clients=2)
+    recipe = Recipe().quick()
     with pytest.raises(FederationError, match=r"SuperNode 9 failed to encode.*has no data"):
         run_protocol(InProcessGrid(make_client_app(), configs),
-                     FederationConfig(simulate=cfg, wait_s=5))
+                     FederationConfig(recipe=recipe, split=DataSplit(clients=2), wait_s=5))
     with pytest.raises(FederationError, match="only 2 of 3 SuperNodes connected"):
         run_protocol(InProcessGrid(make_client_app(), configs),
-                     FederationConfig(simulate=replace(cfg, clients=3), wait_s=0.01))
+                     FederationConfig(recipe=recipe, split=DataSplit(clients=3), wait_s=0.01))
 
 
 def test_cli_simulate_takes_an_engine():

@@ -18,16 +18,15 @@ from fuzz_files import flip, huge_shape, poison, set_header_size, split
 from PIL import Image
 
 from smsd.cli import main
-from smsd.models import ClassifierTail, ViTBody
+from smsd.models import ClassifierTail, ViTBody, model_config
 from smsd.protocol.body_io import save_body
 from smsd.protocol.classifier_io import save_classifier
 from smsd.protocol.client import Client
-from smsd.protocol.simulate import default_model_config
 from smsd.protocol.training import TokenClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_ARGS = ["--img-size", "16", "--patch-size", "4", "--in-chans", "1"]
-CONFIG = default_model_config().replace(img_size=16, patch_size=4, in_chans=1)
+CONFIG = model_config("demo").replace(img_size=16, patch_size=4, in_chans=1)
 MEMORY_LIMIT = 4 * 1024**3  # address space of a CLI child: torch maps ~0.7 GiB
 
 

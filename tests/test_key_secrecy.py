@@ -14,8 +14,8 @@ from image_files import write_separable_folder
 
 from smsd.cli import main
 from smsd.crypto import PermutationKey
+from smsd.models import model_config
 from smsd.protocol.client import Client
-from smsd.protocol.simulate import default_model_config
 
 MODEL_ARGS = ["--img-size", "16", "--patch-size", "4", "--in-chans", "1"]
 
@@ -71,7 +71,7 @@ def test_key_is_in_no_file_log_or_output(tmp_path, folder, capfd, caplog):
     found = {str(p): leaks(p.read_bytes(), forms) for p in written}
     assert not {p: f for p, f in found.items() if f}, found
     texts = {"stdout": out.out, "stderr": out.err, "log": caplog.text,
-             "repr": repr(loaded) + str(loaded) + repr(Client(default_model_config(), loaded))}
+             "repr": repr(loaded) + str(loaded) + repr(Client(model_config("demo"), loaded))}
     found = {name: leaks(text.encode(), forms) for name, text in texts.items()}
     assert not {n: f for n, f in found.items() if f}, found
     assert "accuracy" in out.out and str(folder / "zero" / "broken.png") in out.err

@@ -244,11 +244,11 @@ def test_bad_augment_and_source():
 # ---------------------------------------------------------------- the client
 def test_client_encodes_from_a_loader(folder, tmp_path):
     from smsd.crypto import PermutationKey
+    from smsd.models import model_config
     from smsd.protocol import Client
     from smsd.protocol.shard import read_shard
-    from smsd.protocol.simulate import default_model_config
 
-    config = default_model_config(img_size=16, in_chans=3)
+    config = model_config("demo", img_size=16, in_chans=3)
     client = Client(config, PermutationKey.generate())
     source = ImageSource.from_folder(folder)
     loader = make_loader(source, img_size=16, in_chans=3, loader="torch", batch_size=6)
@@ -272,7 +272,7 @@ CLI_ARGS = {"encode": ["--data", "d", "--key", "k", "--out", "o"],
 
 def test_cli_loader_option(folder, tmp_path, capsys):
     from smsd.cli import build_parser, main
-    from smsd.protocol.simulate import _load_dataset, default_model_config
+    from smsd.data import load_dataset
 
     for command, args in CLI_ARGS.items():
         parser = build_parser()
@@ -285,6 +285,6 @@ def test_cli_loader_option(folder, tmp_path, capsys):
                  "--loader", "torch"]) == 0
     out = capsys.readouterr().out
     assert "20 images" in out and "(torch loader)" in out and shard.is_file()
-    images, labels, n_classes = _load_dataset(f"folder:{folder}", default_model_config(16, 3),
-                                              loader="torch")
+    images, labels, n_classes = load_dataset(f"folder:{folder}", img_size=16, in_chans=3,
+                                             loader="torch")
     assert images.shape == (20, 3, 16, 16) and n_classes == 2 and labels.tolist()[-1] == 1

@@ -21,12 +21,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from smsd.crypto import PermutationKey
+from smsd.models import model_config
 from smsd.protocol import Client, PretrainConfig, Server, load_body
 from smsd.protocol.checkpoint import checkpoint_paths, load_checkpoint
-from smsd.protocol.simulate import default_model_config
 
 # The CLI builds the same config from `--model demo --img-size 16 --in-chans 1`.
-MODEL = default_model_config(img_size=16, in_chans=1)
+MODEL = model_config("demo", img_size=16, in_chans=1)
 TRAIN = PretrainConfig(epochs=3, batch_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8,
                        warmup_epochs=1, local_keep=(0.25,) * 3, checkpoint_every=1)
 # fp32 sums in another order differ by ~1e-7 relative; Adam's normalized steps carry that

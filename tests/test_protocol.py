@@ -244,11 +244,12 @@ def test_simulate_fine_tunes_the_pretrained_body_at_its_own_body_lr(monkeypatch,
     """SMSD's clients use ``smsd_body_lr_scale``; the baselines train at the full LR."""
     from dataclasses import replace
 
-    from smsd.protocol import simulate as sim
+    from smsd.experiments import SimulateConfig, methods, simulate
+    from smsd.recipe import Recipe
 
     seen = {}
     original_finetune = Client.finetune
-    original_train = sim.train_classifier
+    original_train = methods.train_classifier
 
     def spy_finetune(self, *args, config, **kwargs):
         seen.setdefault("SMSD", set()).add(config.body_lr_scale)
@@ -259,9 +260,10 @@ def test_simulate_fine_tunes_the_pretrained_body_at_its_own_body_lr(monkeypatch,
         return original_train(model, tokens, labels, config)
 
     monkeypatch.setattr(Client, "finetune", spy_finetune)
-    monkeypatch.setattr(sim, "train_classifier", spy_train)
-    cfg = replace(sim.quick_config(sim.SimulateConfig()), smsd_body_lr_scale=0.25)
-    sim.simulate(cfg, None, progress=False, log=lambda _: None)
+    monkeypatch.setattr(methods, "train_classifier", spy_train)
+    cfg = SimulateConfig().quick()
+    cfg = replace(cfg, recipe=replace(cfg.recipe, smsd_body_lr_scale=0.25))
+    simulate(cfg, None, progress=False, log=lambda _: None)
     assert seen == {"SMSD": {0.25}, "baselines": {1.0}}
     with pytest.raises(ValueError, match="smsd_body_lr_scale"):
-        sim.SimulateConfig(smsd_body_lr_scale=0.0)
+        Recipe(smsd_body_lr_scale=0.0)

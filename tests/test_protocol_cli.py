@@ -69,11 +69,10 @@ def test_pretrain_rejects_foreign_shard(tmp_path, folder, capsys):
 
 
 def test_evaluate_rejects_a_body_file(tmp_path, folder, capsys):
-    from smsd.models import ViTBody
+    from smsd.models import ViTBody, model_config
     from smsd.protocol import save_body
-    from smsd.protocol.simulate import default_model_config
 
-    path = save_body(tmp_path / "b.safetensors", ViTBody(default_model_config()),
+    path = save_body(tmp_path / "b.safetensors", ViTBody(model_config("demo")),
                      head_fingerprint="")
     assert main(["evaluate", "--model", str(path), "--data", str(folder)]) == 2
     assert "not a smsd classifier file" in capsys.readouterr().err
@@ -126,14 +125,13 @@ def test_finetune_with_augmentation_sees_fresh_images_every_epoch(tmp_path, fold
     """``Client.finetune(augment=...)`` embeds a new augmented pass of the images each
     epoch (the loader's fine-tuning pipeline), and still learns the task."""
     from smsd.data import ImageSource, loader_statuses, make_loader
-    from smsd.models import ViTBody
+    from smsd.models import ViTBody, model_config
     from smsd.protocol import Client, FinetuneConfig
-    from smsd.protocol.simulate import default_model_config
 
     dali = loader_statuses()["dali"]
     if loader == "dali" and not dali.available:
         pytest.skip(f"DALI unavailable: {dali.detail}")
-    config = default_model_config().replace(img_size=16)
+    config = model_config("demo").replace(img_size=16)
     source = ImageSource.from_folder(folder)
     clean = make_loader(source, img_size=16, in_chans=1, loader=loader)
     augment = make_loader(source, img_size=16, in_chans=1, mode="finetune", loader=loader,
@@ -161,11 +159,10 @@ def test_finetune_with_augmentation_sees_fresh_images_every_epoch(tmp_path, fold
 
 
 def test_train_classifier_rejects_epoch_data_of_another_size():
-    from smsd.models import ClassifierTail, ViTBody
-    from smsd.protocol.simulate import default_model_config
+    from smsd.models import ClassifierTail, ViTBody, model_config
     from smsd.protocol.training import FinetuneConfig, TokenClassifier, train_classifier
 
-    config = default_model_config()
+    config = model_config("demo")
     model = TokenClassifier(ViTBody(config), ClassifierTail(config.embed_dim, 2))
     tokens = torch.randn(6, config.n_tokens, config.embed_dim)
     labels = torch.tensor([0, 1] * 3)
@@ -175,11 +172,10 @@ def test_train_classifier_rejects_epoch_data_of_another_size():
 
 
 def test_cli_finetune_augment(tmp_path, folder, capsys):
-    from smsd.models import PatchHead, ViTBody, head_fingerprint
+    from smsd.models import PatchHead, ViTBody, head_fingerprint, model_config
     from smsd.protocol import save_body
-    from smsd.protocol.simulate import default_model_config
 
-    config = default_model_config().replace(img_size=16)
+    config = model_config("demo").replace(img_size=16)
 
     body = save_body(tmp_path / "b.safetensors", ViTBody(config),
                      head_fingerprint=head_fingerprint(PatchHead(config)))

@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import atomic_write_bytes
 from ..models import DINOHead, ViTBody, ViTConfig, vit_base, vit_small, vit_tiny
 from ..nn import DINOLoss
 from ..ops import reference, sample_views
 from ..protocol.distill import PHASES, DistillStep, StepSchedule, StudentModel
 from .runner import environment
 
-__all__ = ["PRESETS", "VARIANTS", "Preset", "main", "run_preset"]
+__all__ = ["PRESETS", "VARIANTS", "Preset", "benchmark", "main", "run_preset"]
 
 # 2 global views of 75% and 8 local views of 25% of the tokens: 2 x 147 + 8 x 49 at N=196
 KEEP = (0.75,) * 2 + (0.25,) * 8
@@ -408,35 +410,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.checkpoint_blocks < 0:
+def benchmark(device: str | torch.device | None = None, presets: Sequence[str] | None = None,
+              variants: Sequence[str] = DEFAULT_VARIANTS, *, batch: int | None = None,
+              steps: int = 10, warmup: int = 3, checkpoint_blocks: int = 9,
+              interleave: bool = False, json_path: str | os.PathLike | None = None,
+              echo=print) -> dict:
+    """Time ``variants`` on each preset (default: ViT-S and ViT-B on CUDA, the tiny model
+    on the CPU); with ``json_path``, write the report there. Returns the report."""
+    if steps < 1 or warmup < 0 or checkpoint_blocks < 0:
         raise ValueError(f"--steps must be >= 1, --warmup and --checkpoint-blocks >= 0, got "
-                         f"{args.steps}, {args.warmup}, {args.checkpoint_blocks}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                         f"{steps}, {warmup}, {checkpoint_blocks}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is visible")
-    if args.batch is not None and args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    presets = list(presets or (["vit_small", "vit_base"] if device.type == "cuda" else ["tiny"]))
+    env = environment(device)
+    echo(f"# train step on {env['card']}, torch {env['torch']}, {env['date']}")
+    report = {"environment": env, "phases": list(PHASES), "steps": steps,
+              "results": [run_preset(name, device, list(variants), batch=batch, steps=steps,
+                                     warmup=warmup, checkpoint_blocks=checkpoint_blocks,
+                                     interleave=interleave, echo=echo)
+                          for name in presets]}
+    if json_path is not None:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(report, indent=1).encode())
+        echo(f"wrote {path}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    presets = ["tiny"] if args.tiny else args.preset
-    presets = presets or (["vit_small", "vit_base"] if device.type == "cuda" else ["tiny"])
-    env = environment(device)
-    print(f"# train step on {env['card']}, torch {env['torch']}, {env['date']}", flush=True)
-    report = {"environment": env, "phases": list(PHASES), "steps": args.steps,
-              "results": [run_preset(name, device, args.variants, batch=args.batch,
-                                     steps=args.steps,
-                                     warmup=args.warmup,
-                                     checkpoint_blocks=args.checkpoint_blocks,
-                                     interleave=args.interleave,
-                                     echo=lambda s: print(s, flush=True))
-                          for name in presets]}
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1))
-        print(f"wrote {path}")
+    benchmark(args.device, ["tiny"] if args.tiny else args.preset, args.variants,
+              batch=args.batch, steps=args.steps, warmup=args.warmup,
+              checkpoint_blocks=args.checkpoint_blocks, interleave=args.interleave,
+              json_path=args.json, echo=lambda s: print(s, flush=True))
     return 0

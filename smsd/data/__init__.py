@@ -1,11 +1,12 @@
 """Image data for the protocol: image folders, the embedded digits set, non-IID splits,
 and batch loaders (DALI or torch) over folders and in-memory arrays."""
 
+from .datasets import Dataset, load_dataset
 from .digits import load_digits
 from .folder import DataError, load_image_folder
 from .loaders import Batch, LoaderSpec, TorchLoader, collect, loader_statuses, make_loader
 from .source import ImageSource
-from .split import ClientData, dirichlet_split, make_clients
+from .split import ClientData, DataSplit, dirichlet_split, make_clients
 from .transforms import Augment
 
 __all__ = [
@@ -13,11 +14,14 @@ __all__ = [
     "Batch",
     "ClientData",
     "DataError",
+    "DataSplit",
+    "Dataset",
     "ImageSource",
     "LoaderSpec",
     "TorchLoader",
     "collect",
     "dirichlet_split",
+    "load_dataset",
     "load_digits",
     "load_image_folder",
     "loader_statuses",

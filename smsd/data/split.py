@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from ..checks import positive_int
+from ..crypto import PermutationKey
 
-__all__ = ["ClientData", "dirichlet_split", "make_clients"]
+__all__ = ["ClientData", "DataSplit", "dirichlet_split", "make_clients"]
 
 
 def dirichlet_split(labels: torch.Tensor, n_clients: int, alpha: float, seed: int,
@@ -74,3 +75,46 @@ def make_clients(images: torch.Tensor, labels: torch.Tensor, n_clients: int = 4,
             labeled_labels=labels[labeled], test_images=images[test], test_labels=labels[test],
         ))
     return clients
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """A named data set split across simulated clients (public: no keys, no paths beyond
+    ``folder:`` specs). Used by ``smsd simulate`` and by simulated Flower SuperNodes."""
+
+    dataset: str = "digits"
+    clients: int = 4
+    alpha: float = 0.5
+    labeled_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive_int("clients", self.clients)
+
+    def load(self, *, img_size: int, in_chans: int, loader: str = "auto"
+             ) -> tuple[list[ClientData], int, int]:
+        """Each client's part, the number of classes and of images in the data set."""
+        from .datasets import load_dataset
+
+        data = load_dataset(self.dataset, img_size=img_size, in_chans=in_chans, loader=loader)
+        parts = make_clients(data.images, data.labels, self.clients, self.alpha,
+                             self.labeled_fraction, self.test_fraction, self.seed)
+        return parts, data.num_classes, int(data.labels.numel())
+
+    def client_key(self, client: int) -> PermutationKey:
+        """Simulated client ``client``'s reproducible key (public: simulations only)."""
+        return PermutationKey.derive(f"smsd/simulate/{self.seed}/{client}")
+
+    def to_record(self) -> dict[str, str | int | float]:
+        """As sent to Flower SuperNodes (run-config key names)."""
+        return {"dataset": self.dataset, "clients": self.clients, "alpha": self.alpha,
+                "labeled-fraction": self.labeled_fraction,
+                "test-fraction": self.test_fraction, "seed": self.seed}
+
+    @classmethod
+    def from_record(cls, record) -> DataSplit:
+        return cls(dataset=str(record["dataset"]), clients=int(record["clients"]),
+                   alpha=float(record["alpha"]),
+                   labeled_fraction=float(record["labeled-fraction"]),
+                   test_fraction=float(record["test-fraction"]), seed=int(record["seed"]))

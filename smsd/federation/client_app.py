@@ -57,15 +57,12 @@ def _partition_id(node_config) -> int | None:
 
 def local_data(node_config, split, model) -> LocalData:
     """This site's images: its folders, or (simulation) its part of the public split."""
-    from ..data import load_image_folder, make_clients
-    from ..protocol.simulate import _load_dataset
+    from ..data import DataSplit, load_image_folder
 
     pid = _partition_id(node_config)
     if pid is not None:
-        images, labels, num_classes = _load_dataset(str(split["dataset"]), model)
-        parts = make_clients(images, labels, int(split["clients"]), float(split["alpha"]),
-                             float(split["labeled-fraction"]), float(split["test-fraction"]),
-                             int(split["seed"]))
+        parts, num_classes, _ = DataSplit.from_record(split).load(img_size=model.img_size,
+                                                                  in_chans=model.in_chans)
         if not 0 <= pid < len(parts):
             raise SmsdError(f"partition-id {pid} is outside the {len(parts)}-client split")
         d = parts[pid]
@@ -93,11 +90,11 @@ def _site_key(node_config, split, derived_keys: bool) -> PermutationKey:
         return PermutationKey.load(str(node_config["key-file"]))
     pid = _partition_id(node_config)
     if derived_keys and pid is not None:
-        from ..protocol.simulate import _simulation_key
+        from ..data import DataSplit
 
         # The reproducible keys of `smsd simulate` (simulation engine only), derived
         # here on the node; the message only says which split this is.
-        return _simulation_key(int(split["seed"]), pid)
+        return DataSplit.from_record(split).client_key(pid)
     return PermutationKey.generate()
 
 

@@ -1,7 +1,7 @@
 """The run's public settings, read from Flower's run config (``[tool.flwr.app.config]``).
 
-Everything here is public: the model config, the training recipes and, for the
-simulation engine only, how the bundled data set is split across virtual SuperNodes.
+Everything here is public: the recipe (model config, pre-training, fine-tuning) and, for
+the simulation engine only, how the bundled data set is split across virtual SuperNodes.
 Keys and data locations are per-site and live in each SuperNode's node config.
 """
 
@@ -11,12 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from ..checks import positive_int
-from ..protocol.simulate import SimulateConfig, quick_config
+from ..data import DataSplit
+from ..recipe import Recipe
 from .transfer import DEFAULT_CHUNK_BYTES
 
 __all__ = ["FederationConfig"]
 
-# run-config key → SimulateConfig field (and its type); the rest are federation settings.
+# run-config key → DataSplit field (and its type); the rest are federation settings.
 _SPLIT_KEYS = {"dataset": str, "clients": int, "alpha": float, "labeled-fraction": float,
                "test-fraction": float, "seed": int}
 
@@ -26,15 +27,16 @@ class FederationConfig:
     """Settings of one federated run.
 
     Attributes:
-        simulate: model, pre-training and fine-tuning recipes; ``clients`` is the number
-            of SuperNodes the server waits for; the split fields are used only by
-            simulated SuperNodes (those with a ``partition-id``).
+        recipe: model, pre-training and fine-tuning (:class:`smsd.recipe.Recipe`).
+        split: ``clients`` is the number of SuperNodes the server waits for; the other
+            fields are used only by simulated SuperNodes (those with a ``partition-id``).
         chunk_bytes: largest piece a shard or body is split into (see ``transfer``).
         wait_s: how long the server waits for ``clients`` SuperNodes to connect, and for
             each round of replies.
     """
 
-    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    recipe: Recipe = field(default_factory=Recipe)
+    split: DataSplit = field(default_factory=DataSplit)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     wait_s: float = 3600.0
 
@@ -51,33 +53,21 @@ class FederationConfig:
         unknown = sorted(set(run_config) - known)
         if unknown:
             raise ValueError(f"run config has unknown keys {unknown}; known: {sorted(known)}")
-        sim = SimulateConfig()
-        split = {}
-        for key, kind in _SPLIT_KEYS.items():
-            if key in run_config:
-                split[key.replace("-", "_")] = _typed(run_config, key, kind)
-        sim = replace(sim, **split)
-        seed = sim.seed
+        split = DataSplit(**{key.replace("-", "_"): _typed(run_config, key, kind)
+                             for key, kind in _SPLIT_KEYS.items() if key in run_config})
+        recipe = Recipe()
         if "pretrain-epochs" in run_config:
-            sim = replace(sim, pretrain=replace(
-                sim.pretrain, epochs=_typed(run_config, "pretrain-epochs", int)))
+            recipe = replace(recipe, pretrain=replace(
+                recipe.pretrain, epochs=_typed(run_config, "pretrain-epochs", int)))
         if "finetune-epochs" in run_config:
-            sim = replace(sim, finetune=replace(
-                sim.finetune, epochs=_typed(run_config, "finetune-epochs", int)))
-        sim = replace(sim, pretrain=replace(sim.pretrain, seed=seed),
-                      finetune=replace(sim.finetune, seed=seed))
+            recipe = replace(recipe, finetune=replace(
+                recipe.finetune, epochs=_typed(run_config, "finetune-epochs", int)))
+        recipe = recipe.with_seed(split.seed)
         if _typed(run_config, "quick", bool, False):
-            sim = quick_config(sim)
-        return cls(simulate=sim,
+            recipe = recipe.quick()
+        return cls(recipe=recipe, split=split,
                    chunk_bytes=_typed(run_config, "chunk-bytes", int, DEFAULT_CHUNK_BYTES),
                    wait_s=_typed(run_config, "wait-s", float, 3600.0))
-
-    def split_record(self) -> dict[str, str | int | float]:
-        """The simulation split, as sent to SuperNodes (public)."""
-        s = self.simulate
-        return {"dataset": s.dataset, "clients": s.clients, "alpha": s.alpha,
-                "labeled-fraction": s.labeled_fraction, "test-fraction": s.test_fraction,
-                "seed": s.seed}
 
 
 def _typed(config: Mapping[str, object], key: str, kind: type, default=None):

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SmsdError
@@ -112,14 +112,14 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
     """
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    sim = config.simulate
-    nodes = _wait_for_nodes(grid, sim.clients, config.wait_s)
+    recipe = config.recipe
+    nodes = _wait_for_nodes(grid, config.split.clients, config.wait_s)
     reports = {n: NodeReport(node_id=n) for n in nodes}
-    split = ConfigRecord(config.split_record())
+    split = ConfigRecord(config.split.to_record())
     log.info("smsd federation: %d SuperNodes %s", len(nodes), nodes)
 
     query = {n: Message(RecordDict({
-        "model": ConfigRecord({"config": sim.model.to_json()}), "split": split,
+        "model": ConfigRecord({"config": recipe.model.to_json()}), "split": split,
         "transfer": ConfigRecord({"chunk-bytes": config.chunk_bytes})}),
         dst_node_id=n, message_type="query") for n in nodes}
     replies = _exchange(grid, query, reports, "encode", config.wait_s, observe)
@@ -144,7 +144,7 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
                      len(data), int(content["shard.meta"]["chunks"]), report.bytes_up)
 
         started = time.perf_counter()
-        server = Server(sim.model, sim.pretrain)
+        server = Server(recipe.model, recipe.pretrain)
         body_path = work / "body.safetensors"
         server.pretrain(shard_paths, out=body_path, work_dir=work / "server",
                         progress=progress)
@@ -153,7 +153,7 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
 
     chunks, meta = pack_file(body, BODY_FORMAT, config.chunk_bytes)
     # The clients fine-tune a pre-trained body: the SMSD recipe of `smsd simulate`.
-    finetune = ConfigRecord(asdict(replace(sim.finetune, body_lr_scale=sim.smsd_body_lr_scale)))
+    finetune = ConfigRecord(asdict(recipe.smsd_finetune))
     train = {n: Message(RecordDict({"body": chunks, "body.meta": meta, "finetune": finetune,
                                     "split": split}),
                         dst_node_id=n, message_type="train") for n in nodes}

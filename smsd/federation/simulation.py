@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
-from ..protocol.simulate import MethodResult, SimulateConfig
+from ..data import DataSplit
+from ..recipe import Recipe
 from .config import FederationConfig
 from .server_app import FederationResult, Observer, make_server_app
 from .transfer import DEFAULT_CHUNK_BYTES
 
-__all__ = ["run_flower_simulation", "smsd_row"]
+__all__ = ["run_flower_simulation"]
 
 log = logging.getLogger("smsd.federation")
 
 
-def run_flower_simulation(cfg: SimulateConfig, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+def run_flower_simulation(recipe: Recipe, split: DataSplit, *,
+                          chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                           num_cpus: int = 1, observe: Observer | None = None,
                           derived_keys: bool = True) -> FederationResult:
-    """Run the protocol on ``cfg.clients`` virtual SuperNodes; returns Flower's counts.
+    """Run the protocol on ``split.clients`` virtual SuperNodes (each holding its part of
+    ``split``); returns Flower's counts.
 
     ``derived_keys`` gives each virtual node ``smsd simulate``'s reproducible key
     (derived on the node), so both engines train on the same shards.
@@ -38,7 +40,7 @@ def run_flower_simulation(cfg: SimulateConfig, *, chunk_bytes: int = DEFAULT_CHU
 
     results: list[FederationResult] = []
     server_app = make_server_app(
-        FederationConfig(simulate=cfg, chunk_bytes=chunk_bytes, wait_s=600.0),
+        FederationConfig(recipe=recipe, split=split, chunk_bytes=chunk_bytes, wait_s=600.0),
         on_result=results.append, observe=observe)
     backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                       "init_args": {"num_cpus": num_cpus, "num_gpus": 0,
@@ -48,27 +50,10 @@ def run_flower_simulation(cfg: SimulateConfig, *, chunk_bytes: int = DEFAULT_CHU
     try:
         run_simulation(server_app=server_app,
                        client_app=make_client_app(derived_keys=derived_keys),
-                       num_supernodes=cfg.clients, backend_name="ray",
+                       num_supernodes=split.clients, backend_name="ray",
                        backend_config=backend_config)
     finally:
         flwr_log.propagate = propagate
     if not results:
         raise RuntimeError("the Flower simulation ended without a result (see the log above)")
     return results[0]
-
-
-def smsd_row(cfg: SimulateConfig, *, log_line=print) -> MethodResult:
-    """The SMSD row of ``smsd simulate`` through Flower, plus Flower's byte counts."""
-    started = time.perf_counter()
-    result = run_flower_simulation(cfg)
-    nodes = result.nodes
-    accs = [float(n.metrics["test_accuracy"]) for n in nodes]
-    row = MethodResult("SMSD", accs, 1, sum(n.shard_bytes for n in nodes) // len(nodes),
-                       nodes[0].body_bytes, time.perf_counter() - started)
-    up = sum(n.bytes_up for n in nodes) // len(nodes)
-    down = sum(n.bytes_down for n in nodes) // len(nodes)
-    log_line("flower: uploads/downloads per node "
-             + ", ".join(f"{n.uploads}/{n.downloads}" for n in nodes)
-             + f"; Flower-counted bytes per client: up {up} B, down {down} B "
-             f"(shard {row.bytes_up} B, body {row.bytes_down} B)")
-    return row

@@ -2,6 +2,7 @@
 
 from .config import ViTConfig, vit_base, vit_small, vit_tiny
 from .heads import DINOHead
+from .presets import list_models, model_config, register_model
 from .pretrained import load_pretrained
 from .vit import Block, ClassifierTail, PatchHead, SplitViT, ViTBody, head_fingerprint
 
@@ -14,7 +15,10 @@ __all__ = [
     "ViTBody",
     "ViTConfig",
     "head_fingerprint",
+    "list_models",
     "load_pretrained",
+    "model_config",
+    "register_model",
     "vit_base",
     "vit_small",
     "vit_tiny",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 from collections.abc import Iterable, Sequence
@@ -12,7 +11,8 @@ import torch
 
 from ..crypto import ImageId, PermutationKey
 from ..data.loaders import Batch
-from ..models import ClassifierTail, PatchHead, ViTBody, ViTConfig, head_fingerprint
+from ..errors import SmsdError
+from ..models import PatchHead, ViTBody, ViTConfig, head_fingerprint
 from ..ops import masked_sample
 from .shard import write_shard
 from .training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
@@ -121,6 +121,16 @@ class Client:
             permuted = add_token_noise(permuted, self.noise_std, self.noise_seed)
         return write_shard(out, permuted, head_fingerprint=self.fingerprint, grid=self.config.grid)
 
+    @classmethod
+    def for_trained(cls, config: ViTConfig, head_fingerprint: str, source: str) -> Client:
+        """A keyless client whose seeded head is the one ``source`` (a body or model file
+        recording ``head_fingerprint``) was trained on; else SmsdError."""
+        client = cls(config, None)
+        if head_fingerprint and head_fingerprint != client.fingerprint:
+            raise SmsdError(f"{source} was trained on tokens of a different head than this "
+                            "model config's seeded head")
+        return client
+
     def _tokens_and_labels(self, images: Images, labels: torch.Tensor | None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(images, torch.Tensor):
@@ -155,10 +165,7 @@ class Client:
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes}), "
                              f"got {int(labels.min())}..{int(labels.max())}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            tail = ClassifierTail(body.config.embed_dim, num_classes)
-        self.model = TokenClassifier(copy.deepcopy(body), tail)
+        self.model = TokenClassifier.from_body(body, num_classes, seed=config.seed)
         epoch_data = None
         if augment is not None:
             def epoch_data(_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,6 +87,13 @@ class PretrainConfig:
     checkpoint_every_steps: int = 0
     deterministic: bool = False
 
+    @classmethod
+    def with_teacher_temp(cls, teacher_temp: float, **fields) -> PretrainConfig:
+        """A config whose teacher warms up from DINO's 0.04 to ``teacher_temp``, or starts
+        at ``teacher_temp`` when that is sharper: a warm-up never raises it."""
+        return cls(teacher_temp=teacher_temp,
+                   warmup_teacher_temp=min(teacher_temp, cls.warmup_teacher_temp), **fields)
+
     def __post_init__(self) -> None:
         positive_ints(self, "epochs", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim",
                       "checkpoint_every")

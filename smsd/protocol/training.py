@@ -6,6 +6,7 @@ methods share one recipe and differ only in where the body starts and what it se
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import positive_ints
+from ..models import ClassifierTail
 from .schedules import cosine_schedule
 
-__all__ = ["PRETRAINED_BODY_LR_SCALE", "FinetuneConfig", "accuracy", "classify",
-           "train_classifier"]
+__all__ = ["PRETRAINED_BODY_LR_SCALE", "FinetuneConfig", "TokenClassifier", "accuracy",
+           "classify", "train_classifier"]
 
 # A pre-trained body is adapted at a fraction of the new tail's LR, as is usual when
 # fine-tuning a pre-trained backbone (a random body trains best at the full LR).
@@ -59,6 +61,15 @@ class TokenClassifier(nn.Module):
         super().__init__()
         self.body = body
         self.tail = tail
+
+    @classmethod
+    def from_body(cls, body: nn.Module, num_classes: int, *, seed: int) -> TokenClassifier:
+        """A copy of ``body`` with a new linear tail whose init is drawn from ``seed``
+        (without touching the global RNG), so every method starts from the same tail."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tail = ClassifierTail(body.config.embed_dim, num_classes)
+        return cls(copy.deepcopy(body), tail)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tail(self.body(tokens))

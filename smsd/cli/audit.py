@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
+
+from .common import add_model_args, model_config
 
 __all__ = ["add_audit"]
 
 
 def add_audit(sub: argparse._SubParsersAction) -> None:
-    from ..protocol.cli import _model_args
-
     p = sub.add_parser(
         "audit", help="privacy audit: un-shuffle and reconstruct a shard's images, and "
         "report how much leaked",
@@ -40,20 +38,12 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-steps", type=int, default=3,
                    help="refits of the known-position attack (0: none)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _model_args(p)
+    add_model_args(p)
     p.set_defaults(func=_cmd_audit)
 
 
-def _attacker_head(args: argparse.Namespace, config):
-    from ..models import PatchHead, load_pretrained
-
-    if args.head is None:
-        return PatchHead(config).eval()
-    return load_pretrained(args.head).head.eval()
-
-
 def _check_args(args: argparse.Namespace) -> None:
-    from .inputs import AuditError
+    from ..audit.inputs import AuditError
 
     if args.shard is None and args.images is None:
         raise AuditError("give --shard (a shard to attack) or --images (to encode and attack)")
@@ -74,61 +64,36 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    from ..audit.inputs import load_images
+    from ..audit.report import format_table, to_json
+    from ..audit.run import attacker_head, audit_shard, audit_simulated_client
     from ..crypto import PermutationKey
-    from ..models import head_fingerprint
-    from ..protocol.cli import _model_config
-    from ..protocol.client import Client
-    from ..protocol.shard import inspect_shard, read_shard
-    from .inputs import AuditError, load_images
-    from .report import audit_tokens, format_table, to_json
 
     _check_args(args)
-    config = _model_config(args)
-    head = _attacker_head(args, config)
+    head = attacker_head(model_config(args), args.head)
     config = head.config
     images = ids = None
     if args.images is not None:
         images, ids = load_images(args.images, config)
         if args.limit is not None:
             images, ids = images[:args.limit], ids[:args.limit]
+    options = {"pixel_range": tuple(args.pixel_range), "refine_steps": args.refine_steps}
     if args.shard is None:
-        key = PermutationKey.generate()
-        client_config = config if args.client_head_seed is None \
-            else config.replace(head_seed=args.client_head_seed)
-        client = Client(client_config, key, noise_std=args.noise_std)
-        with tempfile.TemporaryDirectory(prefix="smsd-audit-") as tmp:
-            shard = client.encode(images, Path(tmp) / "shard.safetensors", image_ids=ids)
-            tokens = read_shard(shard)
-        shard_fingerprint = client.fingerprint
+        run = audit_simulated_client(images, head, ids=ids, noise_std=args.noise_std,
+                                     client_head_seed=args.client_head_seed, **options)
     else:
         key = PermutationKey.load(args.key) if args.key is not None else None
-        tokens = read_shard(args.shard, grid=config.grid, embed_dim=config.embed_dim)
-        shard_fingerprint = inspect_shard(args.shard).head_fingerprint
-        if args.limit is not None:
-            tokens = tokens[:args.limit]
-        if images is not None and len(images) != len(tokens):
-            raise AuditError(f"--images has {len(images)} images, the shard {len(tokens)} "
-                             "(use --limit to audit the first N of both)")
-    truth = None
-    if key is not None:
-        truth = key.permutations(ids if ids is not None else range(len(tokens)),
-                                 config.n_tokens)
-    same_head = shard_fingerprint == head_fingerprint(head)
-    rows = audit_tokens(tokens, head, truth=truth, originals=images,
-                        pixel_range=tuple(args.pixel_range), refine_steps=args.refine_steps)
-    patch_values = head.patch_embed.proj.weight[0].numel()
-    context = {"images": len(tokens), "tokens_per_image": config.n_tokens,
-               "embed_dim": config.embed_dim, "patch_values": patch_values,
-               "noise_std": args.noise_std if args.shard is None else None,
-               "shard_head_is_server_head": same_head}
+        run = audit_shard(args.shard, head, key=key, images=images, ids=ids, limit=args.limit,
+                          **options)
     if args.json:
-        print(to_json(rows, **context))
+        print(to_json(run.rows, **run.context))
         return 0
-    print(f"{len(tokens)} images × {config.n_tokens} tokens × {config.embed_dim} "
-          f"(patch values {patch_values}); the shard's head "
-          + ("is the head the server has" if same_head else
+    c = run.context
+    print(f"{c['images']} images × {c['tokens_per_image']} tokens × {c['embed_dim']} "
+          f"(patch values {c['patch_values']}); the shard's head "
+          + ("is the head the server has" if run.same_head else
              "is NOT the server's head (a secret head): head-weight rows use the wrong head"))
-    print(format_table(rows))
-    if truth is None:
+    print(format_table(run.rows))
+    if not run.scored:
         print("(no --key: positions correct is unknown; no --images: no PSNR/SSIM)")
     return 0

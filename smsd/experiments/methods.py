@@ -1,0 +1,161 @@
+"""The four methods ``smsd simulate`` compares, on the same clients and the same start.
+
+* SMSD: every client encodes its images once; the server pre-trains the body on all
+  shards; each client fine-tunes the returned body on its labels (1 round).
+* fine-tune only: each client trains from the initial body on its labels (0 rounds).
+* FedAvg: supervised, ``rounds`` rounds, the full model goes down and up each round.
+* centralized: one model trained on every client's labels pooled (upper bound).
+
+Every supervised step is :func:`~smsd.protocol.training.train_classifier` with the
+recipe's fine-tuning settings; the methods differ only in where the body starts and
+what it sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import ClientData
+from ..models import ViTBody
+from ..protocol.client import Client
+from ..protocol.server import Server
+from ..protocol.training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
+from .config import SimulateConfig
+from .results import MethodResult
+
+__all__ = [
+    "Clients",
+    "centralized",
+    "fedavg",
+    "finetune_only",
+    "initial_body",
+    "smsd",
+]
+
+
+def initial_body(cfg: SimulateConfig) -> ViTBody:
+    """The body every method starts from (the server's student init)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.recipe.pretrain.seed)
+        return ViTBody(cfg.recipe.model)
+
+
+@dataclass
+class Clients:
+    """The simulated clients' data, their labeled and test images embedded by the public
+    head (in patch order: the supervised baselines never see a permutation)."""
+
+    data: list[ClientData]
+    num_classes: int
+    tokens: list[tuple[torch.Tensor, torch.Tensor]]  # (labeled, test) per client
+
+    @classmethod
+    def embed(cls, cfg: SimulateConfig, data: list[ClientData], num_classes: int) -> Clients:
+        probe = Client(cfg.recipe.model, None)
+        tokens = [(probe.tokens(d.labeled_images), probe.tokens(d.test_images)) for d in data]
+        return cls(data, num_classes, tokens)
+
+
+def _classifier(cfg: SimulateConfig, body: ViTBody, num_classes: int) -> TokenClassifier:
+    return TokenClassifier.from_body(body, num_classes, seed=cfg.seed + 1)
+
+
+def _test_accuracies(model: TokenClassifier, clients: Clients) -> list[float]:
+    return [accuracy(model, test_t, d.test_labels)
+            for (_, test_t), d in zip(clients.tokens, clients.data, strict=True)]
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    from safetensors.torch import save
+
+    buffer = io.BytesIO()
+    buffer.write(save({k: v.contiguous() for k, v in module.state_dict().items()}))
+    return buffer.tell()
+
+
+def smsd_flower(cfg: SimulateConfig, log_line) -> MethodResult:
+    """The SMSD row through Flower's simulation engine, plus Flower's byte counts."""
+    from ..federation.simulation import run_flower_simulation
+
+    result = run_flower_simulation(cfg.recipe, cfg.split)
+    nodes = result.nodes
+    accs = [float(n.metrics["test_accuracy"]) for n in nodes]
+    row = MethodResult("SMSD", accs, 1, sum(n.shard_bytes for n in nodes) // len(nodes),
+                       nodes[0].body_bytes, 0.0)
+    up = sum(n.bytes_up for n in nodes) // len(nodes)
+    down = sum(n.bytes_down for n in nodes) // len(nodes)
+    log_line("flower: uploads/downloads per node "
+             + ", ".join(f"{n.uploads}/{n.downloads}" for n in nodes)
+             + f"; Flower-counted bytes per client: up {up} B, down {down} B "
+             f"(shard {row.bytes_up} B, body {row.bytes_down} B)")
+    return row
+
+
+def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> MethodResult:
+    recipe = cfg.recipe
+    sites = [Client(recipe.model, cfg.split.client_key(i), noise_std=recipe.noise_std,
+                    noise_seed=cfg.seed * 1000 + i) for i in range(len(clients.data))]
+    shards = [site.encode(d.train_images, work / f"client{i}.safetensors")
+              for i, (site, d) in enumerate(zip(sites, clients.data, strict=True))]
+    server = Server(recipe.model, recipe.pretrain, head_fingerprint=sites[0].fingerprint)
+    body_path = work / "body.safetensors"
+    body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress)
+    accs = []
+    for site, d in zip(sites, clients.data, strict=True):
+        metrics = site.finetune(body, d.labeled_images, d.labeled_labels,
+                                num_classes=clients.num_classes, config=recipe.smsd_finetune,
+                                test_images=d.test_images, test_labels=d.test_labels)
+        accs.append(metrics["test_accuracy"])
+    up = sum(os.path.getsize(s) for s in shards) // len(shards)
+    return MethodResult("SMSD", accs, 1, up, os.path.getsize(body_path), 0.0)
+
+
+def finetune_only(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
+    accs = []
+    for (train_t, test_t), d in zip(clients.tokens, clients.data, strict=True):
+        model = _classifier(cfg, body, clients.num_classes)
+        train_classifier(model, train_t, d.labeled_labels, cfg.recipe.finetune)
+        accs.append(accuracy(model, test_t, d.test_labels))
+    return MethodResult("fine-tune only", accs, 0, 0, 0, 0.0)
+
+
+def fedavg(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
+    global_model = _classifier(cfg, body, clients.num_classes)
+    weights = torch.tensor([float(d.labeled_labels.numel()) for d in clients.data])
+    weights /= weights.sum()
+    ft = cfg.recipe.finetune
+    for r in range(cfg.rounds):
+        # The global LR follows the fine-tuning recipe's cosine over rounds.
+        lr = ft.min_lr + 0.5 * (ft.lr - ft.min_lr) * (1 + torch.cos(
+            torch.tensor(torch.pi * r / cfg.rounds))).item()
+        local = FinetuneConfig(epochs=cfg.local_epochs, lr=lr, min_lr=lr,
+                               weight_decay=ft.weight_decay, batch_size=ft.batch_size,
+                               warmup_epochs=0, seed=ft.seed + r)
+        states = []
+        for (train_t, _), d in zip(clients.tokens, clients.data, strict=True):
+            model = copy.deepcopy(global_model)
+            train_classifier(model, train_t, d.labeled_labels, local)
+            states.append(model.state_dict())
+        averaged = {k: sum(w * s[k].float() for w, s in zip(weights, states, strict=True))
+                    for k in states[0]}
+        global_model.load_state_dict(averaged)
+    size = _state_bytes(global_model)
+    return MethodResult("FedAvg", _test_accuracies(global_model, clients), cfg.rounds,
+                        cfg.rounds * size, cfg.rounds * size, 0.0)
+
+
+def centralized(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
+    model = _classifier(cfg, body, clients.num_classes)
+    pooled = torch.cat([t for t, _ in clients.tokens])
+    labels = torch.cat([d.labeled_labels for d in clients.data])
+    train_classifier(model, pooled, labels, cfg.recipe.finetune)
+    # Pooling means uploading the labeled images (fp32 tensors) and their labels.
+    up = sum(d.labeled_images.numel() * 4 + d.labeled_labels.numel() * 8
+             for d in clients.data) // len(clients.data)
+    return MethodResult("centralized", _test_accuracies(model, clients), 1, up, 0, 0.0)

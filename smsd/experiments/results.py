@@ -1,0 +1,158 @@
+"""Results of ``smsd simulate``: one row per method, tables, and the JSON/CSV/PNG files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import logging
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..io import atomic_write_bytes, write_with
+
+__all__ = ["MethodResult", "format_summary", "format_table", "summary_rows", "write_results",
+           "write_summary"]
+
+log = logging.getLogger("smsd")
+
+
+@dataclass
+class MethodResult:
+    method: str
+    accuracies: list[float]  # per client, on its own test split
+    rounds: int
+    bytes_up: int  # per client (mean over clients)
+    bytes_down: int
+    seconds: float
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def min_accuracy(self) -> float:
+        return min(self.accuracies)
+
+    def row(self) -> dict:
+        return {"method": self.method, "mean_acc": round(100 * self.mean_accuracy, 2),
+                "min_acc": round(100 * self.min_accuracy, 2), "rounds": self.rounds,
+                "bytes_up_per_client": self.bytes_up, "bytes_down_per_client": self.bytes_down,
+                "wall_s": round(self.seconds, 2),
+                "client_acc": [round(100 * a, 2) for a in self.accuracies]}
+
+
+def format_row(r: MethodResult) -> str:
+    return (f"{r.method:<16}{100 * r.mean_accuracy:>9.2f}{100 * r.min_accuracy:>9.2f}"
+            f"{r.rounds:>8}{_human(r.bytes_up):>12}{_human(r.bytes_down):>12}{r.seconds:>9.1f}")
+
+
+def format_table(results: list[MethodResult]) -> str:
+    head = (f"{'method':<16}{'mean acc':>9}{'min acc':>9}{'rounds':>8}{'up/client':>12}"
+            f"{'down/client':>12}{'wall s':>9}")
+    return "\n".join([head, *(format_row(r) for r in results)])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _csv(rows: list[dict], fields: list[str]) -> bytes:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
+
+
+def write_results(results: list[MethodResult], config: object, out: Path) -> list[Path]:
+    """``results.json`` and ``results.csv`` (always), then ``results.png`` when matplotlib
+    (the ``data`` extra) is installed; without it the plot is skipped with one warning,
+    after the numbers are safe. Returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r.row() for r in results]
+    payload = {"config": json.loads(json.dumps(asdict(config), default=str)), "results": rows}
+    atomic_write_bytes(out / "results.json", (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "results.csv",
+                       _csv(rows, [k for k in rows[0] if k != "client_acc"]))
+    written = [out / "results.json", out / "results.csv"]
+    if importlib.util.find_spec("matplotlib") is None:
+        log.warning("results.png skipped: matplotlib is not installed "
+                    "(pip install 'smsd[data]')")
+        return written
+    _plot(results, out / "results.png")
+    return [*written, out / "results.png"]
+
+
+def _plot(results: list[MethodResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r.method for r in results]
+    xs = range(len(results))
+    for offset, label, values in ((-0.2, "mean", [r.mean_accuracy for r in results]),
+                                  (0.2, "min", [r.min_accuracy for r in results])):
+        bars = ax.bar([x + offset for x in xs], [100 * v for v in values], 0.4, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("client test accuracy (%)")
+    ax.set_ylim(0, 105)
+    # Outside the axes: inside, it covers the first method's bars.
+    ax.legend(title="client acc.", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def summary_rows(runs: dict[int, list[MethodResult]]) -> list[dict]:
+    """Per method: mean and sample std over seeds of the mean and min client accuracy."""
+    first = next(iter(runs.values()))
+    rows = []
+    for i, method in enumerate(r.method for r in first):
+        per_seed = [results[i] for results in runs.values()]
+        means = [100 * r.mean_accuracy for r in per_seed]
+        mins = [100 * r.min_accuracy for r in per_seed]
+        std = statistics.stdev if len(per_seed) > 1 else (lambda _: 0.0)
+        rows.append({"method": method, "seeds": len(per_seed),
+                     "mean_acc": round(statistics.fmean(means), 2),
+                     "mean_acc_std": round(std(means), 2),
+                     "min_acc": round(statistics.fmean(mins), 2),
+                     "min_acc_std": round(std(mins), 2),
+                     "rounds": per_seed[0].rounds,
+                     "bytes_up_per_client": round(statistics.fmean(r.bytes_up for r in per_seed)),
+                     "bytes_down_per_client": round(
+                         statistics.fmean(r.bytes_down for r in per_seed)),
+                     "wall_s": round(statistics.fmean(r.seconds for r in per_seed), 2),
+                     "per_seed_mean_acc": [round(m, 2) for m in means]})
+    return rows
+
+
+def write_summary(runs: dict[int, list[MethodResult]], out: Path) -> None:
+    """``summary.json`` and ``summary.csv``: mean ± std over seeds."""
+    rows = summary_rows(runs)
+    atomic_write_bytes(out / "summary.json", (json.dumps(
+        {"seeds": list(runs), "results": rows}, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "summary.csv", _csv(rows, list(rows[0])))
+
+
+def format_summary(runs: dict[int, list[MethodResult]]) -> str:
+    rows = summary_rows(runs)
+    head = (f"{'method':<16}{'mean acc':>15}{'min acc':>15}{'rounds':>8}{'up/client':>12}"
+            f"{'down/client':>12}  per seed")
+    lines = [f"mean ± std over seeds {list(runs)}", head]
+    for r in rows:
+        lines.append(f"{r['method']:<16}{r['mean_acc']:>8.2f} ± {r['mean_acc_std']:<4.2f}"
+                     f"{r['min_acc']:>8.2f} ± {r['min_acc_std']:<4.2f}{r['rounds']:>8}"
+                     f"{_human(r['bytes_up_per_client']):>12}"
+                     f"{_human(r['bytes_down_per_client']):>12}  "
+                     + " ".join(f"{m:.2f}" for m in r["per_seed_mean_acc"]))
+    return "\n".join(lines)
