@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .folder import DataError, read_pixels
-from .loaders import Batch, LoaderSpec
+from .loader_spec import Batch, LoaderSpec
 from .source import ImageSource, shard_range
 from .transforms import MEAN, STD, channels_last
 

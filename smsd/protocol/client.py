@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..crypto import ImageId, PermutationKey
-from ..data.loaders import Batch
+from ..data import Batch
 from ..errors import SmsdError
 from ..models import PatchHead, ViTBody, ViTConfig, head_fingerprint
 from ..ops import masked_sample
