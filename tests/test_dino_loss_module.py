@@ -103,3 +103,28 @@ def test_drop_in_over_epochs(backend):
                                 ("center", ours.center, plain.center, official.center)):
             acc = accuracy(got, b, r)
             assert acc.ok, f"epoch {epoch} {name}: {acc}"
+
+
+def test_forward_fused_equals_forward_on_the_logits():
+    """``forward_fused(feats, weight)`` is ``forward(feats @ weight.T)``: same loss, same
+    gradients, same center update, without storing the logits."""
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(4 * 3, 16, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(2 * 3, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(97, 16, generator=gen, dtype=torch.float64)
+    losses, grads, centers = [], [], []
+    for fused in (False, True):
+        module = DINOLoss(97, 4, 0.04, 0.04, 0, 3)
+        f, w = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if fused:
+            loss = module.forward_fused(f.float(), teacher.float(), w.float(), epoch=1)
+        else:
+            loss = module((f.float() @ w.float().T), (teacher.float() @ w.float().T), epoch=1)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append((f.grad, w.grad))
+        centers.append(module.center.clone())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(centers[1], centers[0], rtol=1e-5, atol=1e-7)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ops import dino_loss
+from ..ops import dino_loss, fused_linear_dino_loss
 
 __all__ = ["DINOLoss"]
 
@@ -50,16 +50,22 @@ class DINOLoss(nn.Module):
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
         ))
 
+    def _options(self, epoch: int) -> dict:
+        return {"n_student_views": self.ncrops, "n_teacher_views": 2,
+                "student_temp": self.student_temp,
+                "teacher_temp": float(self.teacher_temp_schedule[epoch]),
+                "center_momentum": self.center_momentum}
+
     def forward(
         self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int
     ) -> torch.Tensor:
-        return dino_loss(
-            student_output,
-            teacher_output,
-            self.center,
-            n_student_views=self.ncrops,
-            n_teacher_views=2,
-            student_temp=self.student_temp,
-            teacher_temp=float(self.teacher_temp_schedule[epoch]),
-            center_momentum=self.center_momentum,
-        )
+        return dino_loss(student_output, teacher_output, self.center, **self._options(epoch))
+
+    def forward_fused(self, student_feats: torch.Tensor, teacher_feats: torch.Tensor,
+                      weight: torch.Tensor, epoch: int, *,
+                      teacher_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The same loss on ``feats @ weight.T`` logits that are never stored
+        (:func:`~smsd.ops.fused_linear_dino_loss`): the head's last layer ``weight``
+        ``[out_dim, D]`` and its inputs; ``teacher_weight``: the teacher head's own layer."""
+        return fused_linear_dino_loss(student_feats, teacher_feats, weight, self.center,
+                                      teacher_weight=teacher_weight, **self._options(epoch))

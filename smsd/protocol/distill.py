@@ -22,20 +22,20 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..checks import non_negative_int
 from ..models import DINOHead, ViTBody
 from ..nn import DINOLoss
-from ..ops import fused_linear_dino_loss, masked_sample
+from ..ops import masked_sample
 from ..validation import validation
 
-__all__ = ["PHASES", "DistillStep", "PackedViews", "StepSchedule", "StudentModel", "koleo_loss",
-           "pack_views", "packed_cls_features"]
+__all__ = ["PHASES", "DistillStep", "PackedViews", "StepSchedule", "StudentModel",
+           "StudentOutput", "koleo_loss", "pack_views", "packed_cls_features"]
 
 # What DistillStep reports to its ``on_phase`` hook, in order, after each part of a step.
 PHASES = ("sampling", "teacher_fwd", "student_fwd", "loss", "backward", "optimizer_ema")
@@ -111,24 +111,24 @@ def packed_cls_features(body: ViTBody, views: PackedViews,
     """The body's CLS features ``[V * B, D]`` (view-major) of packed views: one gather,
     one varlen attention call per block. Equal to ``body.forward_views(views)``.
 
-    The first ``checkpoint_blocks`` blocks keep only their input for the backward pass
-    and run their forward again there (activation checkpointing): at ViT-S scale each
-    block's saved activations take ~36 bytes per token and channel, its input 4.
+    ``checkpoint_blocks``: see :meth:`ViTBody.forward_packed`.
     """
     x = views.tokens
     dim = x.shape[-1]
     # A plain row gather, not masked_sample: an image's views together hold more than N
     # tokens, and the CLS row must be gathered too (its gradient flows back through it).
     table = torch.cat([x.reshape(-1, dim), body.cls_token.reshape(1, dim).to(x.dtype)])
-    tokens = table.index_select(0, views.rows)
-    for i, block in enumerate(body.blocks):
-        if i < checkpoint_blocks and torch.is_grad_enabled():
-            tokens = checkpoint(block, tokens, cu_seqlens=views.cu_seqlens,
-                                max_seqlen=views.max_seqlen, use_reentrant=False)
-        else:
-            tokens = block(tokens, cu_seqlens=views.cu_seqlens, max_seqlen=views.max_seqlen)
-    # LayerNorm is per token: normalizing only the CLS rows gives the same features.
-    return body.norm(tokens.index_select(0, views.cls_rows))
+    return body.forward_packed(table.index_select(0, views.rows), views.cu_seqlens,
+                               views.max_seqlen, views.cls_rows, checkpoint_blocks)
+
+
+class StudentOutput(NamedTuple):
+    """What :class:`StudentModel` returns for every view (view-major rows)."""
+
+    features: torch.Tensor  # the body's CLS features [V * B, D]
+    logits: torch.Tensor | None  # the head's output (None with fused_head)
+    bottleneck: torch.Tensor | None  # with fused_head: the head before its last layer,
+    weight: torch.Tensor | None  # and that layer's weight (smsd.nn.DINOLoss.forward_fused)
 
 
 class StudentModel(nn.Module):
@@ -139,25 +139,21 @@ class StudentModel(nn.Module):
         self.body = body
         self.head = head
 
-    def forward(self, views: Sequence[torch.Tensor] | PackedViews, packed: bool,
-                return_features: bool = False, *, fused_head: bool = False,
-                checkpoint_blocks: int = 0):
-        """Head outputs of every view (view-major rows), and the body's CLS features with
-        ``return_features``. With ``fused_head`` the output is ``(bottleneck, weight)``:
-        the head's normalized bottleneck and its last layer's weight, for
-        :func:`~smsd.ops.fused_linear_dino_loss`. ``checkpoint_blocks``: see
-        :func:`packed_cls_features` (packed views only)."""
+    def forward(self, views: Sequence[torch.Tensor] | PackedViews, *, packed: bool = False,
+                fused_head: bool = False, checkpoint_blocks: int = 0) -> StudentOutput:
+        """Views as tensors ``[B, k_v, D]`` (``packed``: one varlen batch) or as
+        :class:`PackedViews` (``checkpoint_blocks``: see :meth:`ViTBody.forward_packed`).
+        ``fused_head`` stops the head before its last layer, for
+        :func:`~smsd.ops.fused_linear_dino_loss`, which never stores the logits."""
         if isinstance(views, PackedViews):
             features = packed_cls_features(self.body, views, checkpoint_blocks)
         else:
             features = self.body.forward_views(views, packed=packed)
-        if fused_head:
-            # DINOHead.forward without its last layer
-            out = (F.normalize(self.head.mlp(features), dim=-1, p=2),
-                   self.head.last_layer.weight)
-        else:
-            out = self.head(features)
-        return (out, features) if return_features else out
+        if not fused_head:
+            return StudentOutput(features, self.head(features), None, None)
+        # DINOHead.forward without its last layer
+        bottleneck = F.normalize(self.head.mlp(features), dim=-1, p=2)
+        return StudentOutput(features, None, bottleneck, self.head.last_layer.weight)
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -261,7 +257,7 @@ class DistillStep:
         autocast_on = x.device.type == "cuda" and self.autocast_dtype is not None
         autocast = torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
                                   enabled=autocast_on)
-        extra = {"fused_head": True} if self.fused_head_loss else {}
+        fused = self.fused_head_loss
         with validation(False), autocast:  # indices come from sample_views: in range
             if self.fused_gather:
                 student_in = pack_views(x, index)
@@ -271,18 +267,23 @@ class DistillStep:
                 teacher_in = student_in[:2]
             self._mark("sampling")
             with torch.no_grad():
-                teacher_out = self.teacher(teacher_in, self.packed, **extra)
+                teacher_out = self.teacher(teacher_in, packed=self.packed, fused_head=fused)
             self._mark("teacher_fwd")
-            if self.checkpoint_blocks:
-                extra["checkpoint_blocks"] = self.checkpoint_blocks
-            student_out, features = self.student(student_in, self.packed,
-                                                 return_features=True, **extra)
+            student_out = self.student(student_in, packed=self.packed, fused_head=fused,
+                                       checkpoint_blocks=self.checkpoint_blocks)
+            features = student_out.features
             self._mark("student_fwd")
-            if self.fused_head_loss:
-                loss = self._fused_loss(student_out, teacher_out, schedule.epoch,
-                                        self.autocast_dtype if autocast_on else None)
+            if fused:
+                # The op computes in its inputs' dtype: under autocast, the autocast dtype,
+                # as the unfused head's last Linear would.
+                dtype = self.autocast_dtype if autocast_on else student_out.bottleneck.dtype
+                loss = self.loss_fn.forward_fused(
+                    student_out.bottleneck.to(dtype), teacher_out.bottleneck.to(dtype),
+                    student_out.weight.to(dtype), schedule.epoch,
+                    teacher_weight=teacher_out.weight.to(dtype))
             else:
-                loss = self.loss_fn(student_out.float(), teacher_out.float(), schedule.epoch)
+                loss = self.loss_fn(student_out.logits.float(), teacher_out.logits.float(),
+                                    schedule.epoch)
             if self.koleo_weight:
                 # As in DINOv2: on the CLS features of each global view separately.
                 loss = loss + self.koleo_weight * sum(
@@ -302,19 +303,3 @@ class DistillStep:
                                  1.0 - schedule.momentum)
         self._mark("optimizer_ema")
         return loss.detach()
-
-    def _fused_loss(self, student_out, teacher_out, epoch: int,
-                    dtype: torch.dtype | None) -> torch.Tensor:
-        (student_feats, weight), (teacher_feats, teacher_weight) = student_out, teacher_out
-        # The op computes in its inputs' dtype: under autocast, the autocast dtype, as the
-        # unfused head's last Linear would.
-        dtype = dtype or student_feats.dtype
-        loss_fn = self.loss_fn
-        return fused_linear_dino_loss(
-            student_feats.to(dtype), teacher_feats.to(dtype), weight.to(dtype),
-            loss_fn.center, teacher_weight=teacher_weight.to(dtype),
-            n_student_views=loss_fn.ncrops, n_teacher_views=2,
-            student_temp=loss_fn.student_temp,
-            teacher_temp=float(loss_fn.teacher_temp_schedule[epoch]),
-            center_momentum=loss_fn.center_momentum,
-        )
