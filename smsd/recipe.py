@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .models import ViTConfig, model_config
-from .protocol.server import PretrainConfig
+from .protocol.pretrain_config import PretrainConfig
 from .protocol.training import PRETRAINED_BODY_LR_SCALE, FinetuneConfig
 
 __all__ = ["Recipe", "demo_pretrain"]
@@ -30,7 +30,7 @@ def demo_pretrain() -> PretrainConfig:
     return PretrainConfig(
         epochs=30, batch_size=64, lr=1e-3, warmup_epochs=2, momentum_teacher=0.99,
         warmup_teacher_temp=0.02, teacher_temp=0.02, koleo_weight=0.1, out_dim=1024,
-        hidden_dim=256, bottleneck_dim=64, checkpoint_every=1000)
+        hidden_dim=256, bottleneck_dim=64)
 
 
 @dataclass(frozen=True)

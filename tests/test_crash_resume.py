@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from smsd.crypto import PermutationKey
 from smsd.models import model_config, vit_tiny
-from smsd.protocol import Client, PretrainConfig, PretrainError, Server, load_body
+from smsd.protocol import Client, PretrainConfig, PretrainError, RunOptions, Server, load_body
 from smsd.protocol.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_paths,
@@ -31,8 +31,12 @@ from smsd.protocol.checkpoint import (
 MODEL = vit_tiny(patch_size=4, img_size=16, in_chans=1, embed_dim=16, depth=1, num_heads=2)
 # 20 images, batch 8: 2 steps per epoch; a checkpoint after every step (mid-epoch too).
 TRAIN = PretrainConfig(epochs=2, batch_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8,
-                       warmup_epochs=1, local_keep=(0.25,) * 3, checkpoint_every=1,
-                       checkpoint_every_steps=1, deterministic=True)
+                       warmup_epochs=1, local_keep=(0.25,) * 3)
+RUN = RunOptions(checkpoint_every=1, checkpoint_every_steps=1, deterministic=True)
+
+
+def _server(train: PretrainConfig = TRAIN, model=MODEL) -> Server:
+    return Server(model, train, options=RUN)
 
 
 def _shard(model, folder: Path, n: int = 20) -> Path:
@@ -59,13 +63,13 @@ def shard(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(shard):
-    server = Server(MODEL, TRAIN)
+    server = _server()
     body = server.pretrain([shard], progress=False)
     return server.history, body.state_dict()
 
 
 def test_checkpoints_are_safetensors_with_retention(shard, tmp_path):
-    Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
+    _server().pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
     found = checkpoint_paths(tmp_path)
     assert [it for it, _ in found] == [2, 1]  # the newest and the one before it
     with safe_open(str(found[0][1]), framework="pt") as handle:  # no pickle: plain tensors
@@ -82,7 +86,7 @@ def test_checkpoints_are_safetensors_with_retention(shard, tmp_path):
 
 @pytest.mark.parametrize("damage", ("flip", "truncate"))
 def test_corrupt_latest_falls_back_to_previous(shard, uninterrupted, tmp_path, damage):
-    Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
+    _server().pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
     (_, latest), _ = checkpoint_paths(tmp_path)
     data = bytearray(latest.read_bytes())
     if damage == "flip":  # parses fine; only the checksum sees it
@@ -90,7 +94,7 @@ def test_corrupt_latest_falls_back_to_previous(shard, uninterrupted, tmp_path, d
     else:
         data = data[: len(data) // 2]
     latest.write_bytes(bytes(data))
-    server = Server(MODEL, TRAIN)
+    server = _server()
     with pytest.warns(UserWarning, match=f"skipping unreadable checkpoint {latest}"):
         # resumes mid-epoch 1 (previous = after step 1 of epoch 0), at the exact position
         body = server.pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
@@ -101,16 +105,16 @@ def test_corrupt_latest_falls_back_to_previous(shard, uninterrupted, tmp_path, d
 
 
 def test_no_readable_checkpoint_is_an_error(shard, tmp_path):
-    Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
+    _server().pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
     for _, path in checkpoint_paths(tmp_path):
         path.write_bytes(b"\x00" * 16)
     with pytest.warns(UserWarning), pytest.raises(PretrainError, match="no readable checkpoint"):
-        Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+        _server().pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
 
 
 def test_resume_checks_the_data_position(shard, tmp_path):
     """A checkpoint that parses and passes its checksum but holds an impossible position."""
-    Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
+    _server().pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
     (newest, latest), (mid, path) = checkpoint_paths(tmp_path)
     assert (newest, mid) == (2, 1)
     latest.unlink()  # resume from the mid-epoch one
@@ -118,28 +122,29 @@ def test_resume_checks_the_data_position(shard, tmp_path):
     tensors["data/order"] = torch.zeros(20, dtype=torch.int64)
     save_checkpoint(tmp_path, mid, tensors, state)
     with pytest.raises(PretrainError, match="not a permutation of 20 images"):
-        Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+        _server().pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
     del tensors["data/order"]
     save_checkpoint(tmp_path, mid, tensors, state)
     with pytest.raises(PretrainError, match="image order must be stored exactly when inside"):
-        Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+        _server().pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
 
 
 def test_resume_with_another_config_is_a_clear_error(shard, tmp_path):
-    Server(MODEL, TRAIN).pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
+    _server().pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
     other = PretrainConfig(**{**TRAIN.__dict__, "lr": 1e-2, "seed": 7})
     with pytest.raises(PretrainError, match=r"another training config \(lr: 0\.0005 in the "
                        r"checkpoint, 0\.01 now, seed: 0 in the checkpoint, 7 now\)"):
-        Server(MODEL, other).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+        _server(other).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(PretrainError, match="another model config"):
-        Server(MODEL.replace(depth=2), TRAIN).pretrain([shard], work_dir=tmp_path,
+        _server(model=MODEL.replace(depth=2)).pretrain([shard], work_dir=tmp_path,
                                                        resume=True, progress=False)
     with pytest.raises(PretrainError, match="trained on 20 images; the shards given hold 24"):
-        Server(MODEL, TRAIN).pretrain([_shard(MODEL, tmp_path, n=24)], work_dir=tmp_path,
+        _server().pretrain([_shard(MODEL, tmp_path, n=24)], work_dir=tmp_path,
                                       resume=True, progress=False)
     # How often to checkpoint is not part of what the run computes: a resume may change it.
-    relaxed = PretrainConfig(**{**TRAIN.__dict__, "checkpoint_every_steps": 0})
-    Server(MODEL, relaxed).pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+    relaxed = RunOptions(checkpoint_every=1, checkpoint_every_steps=0, deterministic=True)
+    Server(MODEL, TRAIN, options=relaxed).pretrain([shard], work_dir=tmp_path, resume=True,
+                                                   progress=False)
 
 
 def test_checkpoint_every_steps_and_deterministic_mode(shard, monkeypatch):
@@ -147,7 +152,7 @@ def test_checkpoint_every_steps_and_deterministic_mode(shard, monkeypatch):
 
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="checkpoint_every_steps must be an int >= 0"):
-            PretrainConfig(checkpoint_every_steps=bad)
+            RunOptions(checkpoint_every_steps=bad)
     seen, original = [], server_module.sample_views
 
     def sample_views(*args, **kwargs):
@@ -156,7 +161,7 @@ def test_checkpoint_every_steps_and_deterministic_mode(shard, monkeypatch):
 
     monkeypatch.setattr(server_module, "sample_views", sample_views)
     assert not torch.are_deterministic_algorithms_enabled()
-    Server(MODEL, TRAIN).pretrain([shard], stop_after=1, progress=False)
+    _server().pretrain([shard], stop_after=1, progress=False)
     assert seen == [True, True]  # on during the run's 2 steps...
     assert not torch.are_deterministic_algorithms_enabled()  # ...and restored after
 

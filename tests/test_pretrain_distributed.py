@@ -22,13 +22,18 @@ import torch.multiprocessing as mp
 
 from smsd.crypto import PermutationKey
 from smsd.models import model_config
-from smsd.protocol import Client, PretrainConfig, Server, load_body
+from smsd.protocol import Client, PretrainConfig, RunOptions, Server, load_body
 from smsd.protocol.checkpoint import checkpoint_paths, load_checkpoint
 
 # The CLI builds the same config from `--model demo --img-size 16 --in-chans 1`.
 MODEL = model_config("demo", img_size=16, in_chans=1)
 TRAIN = PretrainConfig(epochs=3, batch_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8,
-                       warmup_epochs=1, local_keep=(0.25,) * 3, checkpoint_every=1)
+                       warmup_epochs=1, local_keep=(0.25,) * 3)
+RUN = RunOptions(checkpoint_every=1)
+
+
+def _server(train: PretrainConfig = TRAIN, model=MODEL) -> Server:
+    return Server(model, train, options=RUN)
 # fp32 sums in another order differ by ~1e-7 relative; Adam's normalized steps carry that
 # through 6 updates. Measured (CPU, 1 thread per rank): max loss difference 7.7e-7 on losses
 # of 1.3-2.0 (4e-7 relative), max teacher weight difference 3.7e-9 (5e-7 relative). The
@@ -49,7 +54,7 @@ def shard(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(shard, tmp_path_factory):
     """The uninterrupted single-process run: (history, body state)."""
-    server, work = Server(MODEL, TRAIN), tmp_path_factory.mktemp("single")
+    server, work = _server(), tmp_path_factory.mktemp("single")
     body = server.pretrain([shard], work_dir=work, progress=False)
     return server.history, body.state_dict(), work
 
@@ -64,8 +69,8 @@ def worker(rank: int, world: int, store: str, shard: str, work: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         # Killed after epoch 1 and resumed: distributed resume continues the same run.
-        Server(MODEL, TRAIN).pretrain([shard], work_dir=work, stop_after=1, progress=False)
-        server = Server(MODEL, TRAIN)
+        _server().pretrain([shard], work_dir=work, stop_after=1, progress=False)
+        server = _server()
         body = server.pretrain([shard], work_dir=work, resume=True, out=f"{work}/body.st",
                                progress=False)
         flat = torch.cat([p.flatten() for p in body.state_dict().values()])

@@ -18,6 +18,7 @@ from smsd.protocol import (
     FinetuneConfig,
     PretrainConfig,
     PretrainError,
+    RunOptions,
     Server,
     ShardError,
     load_body,
@@ -28,7 +29,12 @@ from smsd.protocol.schedules import cosine_schedule
 
 MODEL = vit_tiny(patch_size=4, img_size=16, in_chans=1, embed_dim=16, depth=1, num_heads=2)
 TRAIN = PretrainConfig(epochs=2, batch_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8,
-                       warmup_epochs=1, local_keep=(0.25,) * 3, checkpoint_every=1)
+                       warmup_epochs=1, local_keep=(0.25,) * 3)
+RUN = RunOptions(checkpoint_every=1)
+
+
+def _server(train: PretrainConfig = TRAIN, model=MODEL) -> Server:
+    return Server(model, train, options=RUN)
 
 
 @pytest.fixture
@@ -88,7 +94,7 @@ def _rewrite(path, tokens, **meta_changes):
 
 def test_server_rejects_bad_shards_naming_the_file(tmp_path, shard):
     path, _ = shard
-    server = Server(MODEL, TRAIN)
+    server = _server()
     other = Client(MODEL.replace(head_seed=7), PermutationKey.generate()).encode(
         torch.randn(4, 1, 16, 16), tmp_path / "other.safetensors")
     with pytest.raises(ShardError, match=f"{other}.*different head"):
@@ -118,9 +124,9 @@ def test_server_rejects_bad_shards_naming_the_file(tmp_path, shard):
 
 def test_pretrain_is_deterministic_and_logs(tmp_path, shard):
     path, _ = shard
-    a = Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path / "a", out=tmp_path / "a.st",
+    a = _server().pretrain([path], work_dir=tmp_path / "a", out=tmp_path / "a.st",
                                        progress=False)
-    b = Server(MODEL, TRAIN).pretrain([path], progress=False)
+    b = _server().pretrain([path], progress=False)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
@@ -138,18 +144,18 @@ def test_pretrain_is_deterministic_and_logs(tmp_path, shard):
 
 def test_resume_continues_exactly(tmp_path, shard):
     path, _ = shard
-    full = Server(MODEL, TRAIN).pretrain([path], progress=False)
-    Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path, stop_after=1, progress=False)
-    resumed = Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path, resume=True,
+    full = _server().pretrain([path], progress=False)
+    _server().pretrain([path], work_dir=tmp_path, stop_after=1, progress=False)
+    resumed = _server().pretrain([path], work_dir=tmp_path, resume=True,
                                             progress=False)
     for (name, pa), pb in zip(full.state_dict().items(), resumed.state_dict().values(),
                               strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
     other = PretrainConfig(**{**TRAIN.__dict__, "lr": 1e-2})
     with pytest.raises(PretrainError, match="another training config"):
-        Server(MODEL, other).pretrain([path], work_dir=tmp_path, resume=True, progress=False)
+        _server(other).pretrain([path], work_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(PretrainError, match=r"no checkpoint \(checkpoint-\*\.safetensors\)"):
-        Server(MODEL, TRAIN).pretrain([path], work_dir=tmp_path / "new", resume=True)
+        _server().pretrain([path], work_dir=tmp_path / "new", resume=True)
 
 
 def test_pretrain_config_validation():
@@ -215,7 +221,7 @@ def test_koleo_loss_rewards_spread_features():
 def test_pretrain_with_koleo_trains(shard):
     path, _ = shard
     cfg = PretrainConfig(**{**TRAIN.__dict__, "koleo_weight": 0.1})
-    server = Server(MODEL, cfg)
+    server = _server(cfg)
     server.pretrain([path], progress=False)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in server.history)
     with pytest.raises(ValueError, match="koleo_weight"):

@@ -40,9 +40,9 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- pretrain
 def add_pretrain(sub: argparse._SubParsersAction) -> None:
-    from ..protocol.server import PretrainConfig
+    from ..protocol.server import PretrainConfig, RunOptions
 
-    d = PretrainConfig()
+    d, r = PretrainConfig(), RunOptions()
     p = sub.add_parser("pretrain", help="server: masked sampling distillation on token shards")
     p.add_argument("--shards", nargs="+", required=True)
     p.add_argument("--out", required=True, help="body file to write (.safetensors)")
@@ -63,11 +63,11 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="start of the teacher's EMA momentum (cosine to 1)")
     p.add_argument("--koleo-weight", type=float, default=d.koleo_weight,
                    help="weight of DINOv2's KoLeo term on the student's CLS features")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--checkpoint-every", type=int, default=r.checkpoint_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps,
+    p.add_argument("--checkpoint-every-steps", type=int, default=r.checkpoint_every_steps,
                    help="also checkpoint every this many iterations (0 = off), so that a "
                    "killed run resumes at the exact data position")
     p.add_argument("--deterministic", action="store_true",
@@ -79,7 +79,7 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from ..protocol.distributed import process_group_from_env
-    from ..protocol.server import PretrainConfig, Server
+    from ..protocol.server import PretrainConfig, RunOptions, Server
 
     train = PretrainConfig.with_teacher_temp(
         args.teacher_temp, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -87,11 +87,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         bottleneck_dim=args.bottleneck_dim, global_keep=tuple(args.global_keep),
         local_keep=tuple(args.local_keep),
         momentum_teacher=args.momentum_teacher, koleo_weight=args.koleo_weight,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed, device=args.device,
-        checkpoint_every_steps=args.checkpoint_every_steps, deterministic=args.deterministic)
+        seed=args.seed)
+    options = RunOptions(device=args.device, checkpoint_every=args.checkpoint_every,
+                         checkpoint_every_steps=args.checkpoint_every_steps,
+                         deterministic=args.deterministic)
     work = args.work_dir or f"{args.out}.work"
-    server = Server(model_config(args), train)
+    server = Server(model_config(args), train, options=options)
     # Under torchrun (WORLD_SIZE > 1) this process is one rank of a data-parallel job.
     with process_group_from_env(args.device) as ranks:
         server.pretrain(args.shards, out=args.out, work_dir=work, resume=args.resume,

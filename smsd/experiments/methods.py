@@ -24,7 +24,7 @@ import torch
 from ..data import ClientData
 from ..models import ViTBody
 from ..protocol.client import Client
-from ..protocol.server import Server
+from ..protocol.server import RunOptions, Server
 from ..protocol.training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
 from .config import SimulateConfig
 from .results import MethodResult
@@ -103,7 +103,9 @@ def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> M
                     noise_seed=cfg.seed * 1000 + i) for i in range(len(clients.data))]
     shards = [site.encode(d.train_images, work / f"client{i}.safetensors")
               for i, (site, d) in enumerate(zip(sites, clients.data, strict=True))]
-    server = Server(recipe.model, recipe.pretrain, head_fingerprint=sites[0].fingerprint)
+    # One checkpoint, at the end: a simulation is not resumed.
+    server = Server(recipe.model, recipe.pretrain, head_fingerprint=sites[0].fingerprint,
+                    options=RunOptions(checkpoint_every=recipe.pretrain.epochs))
     body_path = work / "body.safetensors"
     body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress)
     accs = []

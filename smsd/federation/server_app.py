@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import SmsdError
 from ..protocol.body_io import BODY_FORMAT
-from ..protocol.server import Server
+from ..protocol.server import RunOptions, Server
 from ..protocol.shard import SHARD_FORMAT
 from .config import FederationConfig
 from .transfer import message_bytes, pack_file, unpack_file
@@ -144,7 +144,9 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
                      len(data), int(content["shard.meta"]["chunks"]), report.bytes_up)
 
         started = time.perf_counter()
-        server = Server(recipe.model, recipe.pretrain)
+        # One checkpoint, at the end (the SuperLink's work folder is temporary).
+        server = Server(recipe.model, recipe.pretrain,
+                        options=RunOptions(checkpoint_every=recipe.pretrain.epochs))
         body_path = work / "body.safetensors"
         server.pretrain(shard_paths, out=body_path, work_dir=work / "server",
                         progress=progress)

@@ -2,7 +2,7 @@
 
 from .body_io import BodyFileError, load_body, save_body
 from .client import Client
-from .server import PretrainConfig, PretrainError, Server
+from .server import PretrainConfig, PretrainError, RunOptions, Server
 from .shard import ShardError, inspect_shard, read_shard, write_shard
 from .training import FinetuneConfig, accuracy, train_classifier
 
@@ -12,6 +12,7 @@ __all__ = [
     "FinetuneConfig",
     "PretrainConfig",
     "PretrainError",
+    "RunOptions",
     "Server",
     "ShardError",
     "accuracy",

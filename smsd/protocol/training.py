@@ -75,7 +75,7 @@ class TokenClassifier(nn.Module):
         return self.tail(self.body(tokens))
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # Biases, norms and the CLS token are not decayed (DINO/timm convention).
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -101,8 +101,8 @@ def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch
                          f"and {labels.shape[0]} labels")
     model.body.requires_grad_(not config.freeze_body)
     groups = [dict(g, lr_scale=config.body_lr_scale)
-              for g in _param_groups(model.body, config.weight_decay)]
-    groups += [dict(g, lr_scale=1.0) for g in _param_groups(model.tail, config.weight_decay)]
+              for g in param_groups(model.body, config.weight_decay)]
+    groups += [dict(g, lr_scale=1.0) for g in param_groups(model.tail, config.weight_decay)]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
     n = tokens.shape[0]
     steps = -(-n // config.batch_size)
