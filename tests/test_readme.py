@@ -2,8 +2,6 @@
 
 Every ```python block that starts with "import" in README.md and docs/*.md runs, as written,
 in a temporary working directory (test ids name the file and the block's number in it).
-Blocks that import the `smsd simulate` harness (`smsd.experiments`) are skipped, with a reason
-saying so, while the `smsd` under test has no such package yet.
 
 README.md stays a front page (at most README_MAX_LINES lines), and every relative link in
 README.md and docs/*.md must name an existing file; `#anchor` links into .md files must name
@@ -12,7 +10,6 @@ an existing heading (GitHub's anchor rules).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -27,7 +24,6 @@ README_MAX_LINES = 250
 
 FENCE = re.compile(r"^(```|~~~)")
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
-EXPERIMENTS = re.compile(r"^\s*(from|import)\s+smsd\.experiments\b", re.M)
 
 
 def _name(path: Path) -> str:
@@ -47,28 +43,12 @@ def _examples() -> list:
 EXAMPLES = _examples()
 
 
-def _experiments_package() -> bool:
-    """Whether `smsd.experiments` is a real package of the `smsd` under test: a folder with
-    an __init__.py next to smsd/__init__.py. A bare namespace folder, or a package that an
-    editable install maps in from another checkout, does not count."""
-    try:
-        spec = importlib.util.find_spec("smsd.experiments")
-    except ImportError:
-        return False
-    if spec is None or spec.origin is None or not spec.has_location:
-        return False
-    return Path(spec.origin).resolve().parent.parent == Path(smsd.__file__).resolve().parent
-
-
 def test_examples_found():
     assert EXAMPLES, "no runnable ```python blocks found"
 
 
 @pytest.mark.parametrize(("page", "code"), EXAMPLES)
 def test_doc_example_runs(page, code, tmp_path, monkeypatch):
-    if EXPERIMENTS.search(code) and not _experiments_package():
-        pytest.skip("imports smsd.experiments (the `smsd simulate` harness), "
-                    "which does not exist in this tree yet")
     monkeypatch.chdir(tmp_path)
     backend, validating = smsd.get_backend(), smsd.validation_enabled()
     try:
