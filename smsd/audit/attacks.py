@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..checks import non_negative_int, positive_int
+from ..extras import require
 from ..models import PatchHead
 
 __all__ = ["assign", "reconstruct", "unshuffle_known_head", "unshuffle_known_positions"]
@@ -35,10 +36,9 @@ def assign(cost: torch.Tensor) -> torch.Tensor:
 
     ``cost`` ``[n, N, N]`` (slot, position); returns int64 ``[n, N]`` positions.
     """
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError as exc:  # pragma: no cover - scipy is the declared 'audit' extra
-        raise ImportError("the audit needs scipy: pip install 'smsd[audit]'") from exc
+    require("audit")
+    from scipy.optimize import linear_sum_assignment
+
     if cost.dim() != 3 or cost.shape[1] != cost.shape[2]:
         raise ValueError(f"cost must be [n, N, N], got {list(cost.shape)}")
     out = np.empty(cost.shape[:2], dtype=np.int64)

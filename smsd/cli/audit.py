@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..extras import require
 from .common import add_model_args, model_config
 
 __all__ = ["add_audit"]
@@ -70,6 +71,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from ..crypto import PermutationKey
 
     _check_args(args)
+    require("audit")
+    if args.images == "digits":
+        require("data", "sklearn", purpose="--images digits")
     head = attacker_head(model_config(args), args.head)
     config = head.config
     images = ids = None

@@ -22,10 +22,15 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     from ..backend import backends
     from ..data import loader_statuses
 
+    from ..extras import extra_statuses
+
     print(backends())
     for status in loader_statuses().values():
         mark = "yes" if status.available else "no"
         print(f"loader {status.name:<6}  {mark:<9}  {status.detail}")
+    for extra in extra_statuses().values():
+        mark = "yes" if extra.installed else "no"
+        print(f"extra  {extra.name:<6}  {mark:<9}  {extra.detail}")
     return 0
 
 

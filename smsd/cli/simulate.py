@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from ..extras import available, require
 from .common import add_loader_arg
 
 __all__ = ["add_simulate"]
@@ -61,8 +62,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from ..experiments import format_summary, format_table, simulate, simulate_seeds
 
     cfg = _config(args)
-    if args.engine == "flower":
-        _require_flower()
+    _check_extras(args)
     if args.seeds:
         runs = simulate_seeds(cfg, args.seeds, args.out, progress=not args.no_progress,
                               engine=args.engine)
@@ -74,21 +74,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     print(f"\nsaved {args.out}/results.json and results.csv"
-          + (", results.png" if _has_matplotlib() else " (no plot: matplotlib missing)"))
+          + (", results.png" if available("matplotlib") else " (no plot: matplotlib missing)"))
     return 0
 
 
-def _has_matplotlib() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("matplotlib") is not None
-
-
-def _require_flower() -> None:
-    """``--engine flower`` needs the ``flower`` extra: say so before any work starts."""
-    import importlib.util
-
-    from ..errors import SmsdError
-
-    if importlib.util.find_spec("flwr") is None:
-        raise SmsdError("--engine flower needs Flower: pip install 'smsd[flower]'")
+def _check_extras(args: argparse.Namespace) -> None:
+    """What this run will need, checked before minutes of training (the plot alone is
+    optional: without matplotlib it is skipped with a warning)."""
+    if args.dataset == "digits":
+        require("data", "sklearn", purpose="--dataset digits")
+    elif args.loader != "dali" and not (args.loader == "auto" and available("nvidia.dali")):
+        require("data", "PIL", purpose=f"--dataset {args.dataset} with the torch loader")
+    if args.engine == "flower":
+        require("flower", purpose="--engine flower")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..extras import require
+
 __all__ = ["load_digits"]
 
 
@@ -14,11 +16,9 @@ def load_digits(img_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``images`` fp32 ``[n, 1, img_size, img_size]`` normalized to [-1, 1] and
     ``labels`` int64 ``[n]`` in 0..9.
     """
-    try:
-        from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError as exc:  # pragma: no cover - scikit-learn is a declared extra
-        raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") \
-            from exc
+    require("data", "sklearn", purpose="the bundled digits data set")
+    from sklearn.datasets import load_digits as sk_load_digits
+
     bunch = sk_load_digits()
     images = torch.from_numpy(bunch.images).float()[:, None] / 16.0
     images = F.interpolate(images, size=(img_size, img_size), mode="bilinear",

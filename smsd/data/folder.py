@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SmsdError
+from ..extras import require
 
 __all__ = ["IMAGE_SUFFIXES", "DataError", "list_image_folder", "load_image_folder", "read_pixels"]
 
@@ -34,11 +35,9 @@ def _first(value) -> float:
 
 
 def _read_dicom(path: Path) -> np.ndarray:
-    try:
-        import pydicom
-    except ImportError:
-        raise DataError(f"{path} is DICOM; install the dicom extra: pip install pydicom") \
-            from None
+    require("dicom", purpose=f"{path} (DICOM)")
+    import pydicom
+
     ds = pydicom.dcmread(str(path))
     pixels = ds.pixel_array.astype(np.float64)
     if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
@@ -57,6 +56,7 @@ def _read_dicom(path: Path) -> np.ndarray:
 
 
 def _read_pil(path: Path) -> np.ndarray:
+    require("data", "PIL", purpose=f"{path} (an image file)")
     from PIL import Image
 
     with Image.open(path) as img:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import logging
@@ -11,6 +10,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..extras import available
 from ..io import atomic_write_bytes, write_with
 
 __all__ = ["MethodResult", "format_summary", "format_table", "summary_rows", "write_results",
@@ -82,7 +82,7 @@ def write_results(results: list[MethodResult], config: object, out: Path) -> lis
     atomic_write_bytes(out / "results.csv",
                        _csv(rows, [k for k in rows[0] if k != "client_acc"]))
     written = [out / "results.json", out / "results.csv"]
-    if importlib.util.find_spec("matplotlib") is None:
+    if not available("matplotlib"):
         log.warning("results.png skipped: matplotlib is not installed "
                     "(pip install 'smsd[data]')")
         return written
