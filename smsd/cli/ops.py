@@ -21,7 +21,6 @@ def add_backends(sub: argparse._SubParsersAction) -> None:
 def _cmd_backends(args: argparse.Namespace) -> int:
     from ..backend import backends
     from ..data import loader_statuses
-
     from ..extras import extra_statuses
 
     print(backends())
