@@ -112,7 +112,7 @@ def test_run_config_errors_name_the_key():
 def federation():
     from smsd.federation import run_flower_simulation
 
-    cfg = SimulateConfig(clients=3).quick()
+    cfg = SimulateConfig(split=DataSplit(clients=3)).quick()
     seen = []
     result = run_flower_simulation(cfg.recipe, cfg.split, chunk_bytes=CHUNK,
                                    observe=lambda way, msg: seen.append((way, msg)))
@@ -131,12 +131,12 @@ def test_three_nodes_upload_once_and_download_once(federation):
         assert node.body_bytes < node.bytes_down < 1.1 * node.body_bytes + 16_384
         assert 0.0 <= node.metrics["test_accuracy"] <= 1.0
         assert node.metrics["num-labeled"] > 0
-    assert len(seen) == 4 * cfg.clients
+    assert len(seen) == 4 * cfg.split.clients
 
 
 def test_keys_never_cross_the_wire(federation):
     cfg, _, seen = federation
-    secrets = [cfg.split.client_key(i)._secret for i in range(cfg.clients)]
+    secrets = [cfg.split.client_key(i)._secret for i in range(cfg.split.clients)]
     needles = [s for secret in secrets for s in (secret, secret.hex().encode())]
     scanned = 0
     for _, message in seen:
@@ -155,7 +155,7 @@ def test_server_receives_exactly_the_shard_each_node_encodes(federation, tmp_pat
     model = cfg.recipe.model
     parts, _, _ = cfg.split.load(img_size=model.img_size, in_chans=model.in_chans)
     shards = [m.content for way, m in seen if way == "up" and "shard" in m.content]
-    assert len(shards) == cfg.clients
+    assert len(shards) == cfg.split.clients
     for content in shards:
         assert isinstance(content["shard"], ArrayRecord) and len(content["shard"]) > 1
         assert isinstance(content["shard.meta"], ConfigRecord)
@@ -168,7 +168,7 @@ def test_server_receives_exactly_the_shard_each_node_encodes(federation, tmp_pat
         assert replace(inspect_shard(path), path=None) == replace(inspect_shard(local), path=None)
         assert torch.equal(read_shard(path), read_shard(local))
     bodies = [m.content for way, m in seen if way == "down" and "body" in m.content]
-    assert len(bodies) == cfg.clients and all(len(b["body"]) > 1 for b in bodies)
+    assert len(bodies) == cfg.split.clients and all(len(b["body"]) > 1 for b in bodies)
 
 
 def test_simulate_rejects_an_unknown_engine():
@@ -194,7 +194,7 @@ def test_flower_engine_reproduces_the_local_smsd_row(federation, tmp_path):
         images_off = abs(node.metrics["test_accuracy"] - acc) * part.test_labels.numel()
         assert images_off < 1 + 1e-6
     assert [n.shard_bytes for n in result.nodes] == [
-        (tmp_path / f"client{i}.safetensors").stat().st_size for i in range(cfg.clients)]
+        (tmp_path / f"client{i}.safetensors").stat().st_size for i in range(cfg.split.clients)]
     assert result.nodes[0].body_bytes == (tmp_path / "body.safetensors").stat().st_size
 
 

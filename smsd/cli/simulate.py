@@ -15,19 +15,20 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     from ..experiments import SimulateConfig
 
     d = SimulateConfig()
+    s = d.split
     p = sub.add_parser("simulate", help="SMSD vs fine-tune only, FedAvg and centralized "
                        "training on simulated clients (the demo)")
-    p.add_argument("--dataset", default=d.dataset, help="'digits' (bundled) or 'folder:PATH'")
-    p.add_argument("--clients", type=int, default=d.clients)
-    p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet label skew")
-    p.add_argument("--labeled-fraction", type=float, default=d.labeled_fraction)
+    p.add_argument("--dataset", default=s.dataset, help="'digits' (bundled) or 'folder:PATH'")
+    p.add_argument("--clients", type=int, default=s.clients)
+    p.add_argument("--alpha", type=float, default=s.alpha, help="Dirichlet label skew")
+    p.add_argument("--labeled-fraction", type=float, default=s.labeled_fraction)
     p.add_argument("--rounds", type=int, default=d.rounds, help="FedAvg rounds")
     p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="FedAvg")
     p.add_argument("--pretrain-epochs", type=int, default=d.recipe.pretrain.epochs)
     p.add_argument("--finetune-epochs", type=int, default=d.recipe.finetune.epochs)
     p.add_argument("--smsd-body-lr-scale", type=float, default=d.recipe.smsd_body_lr_scale,
                    help="body LR scale when SMSD's clients fine-tune the pre-trained body")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="run once per seed and report mean ± std (overrides --seed)")
     p.add_argument("--out", default="simulate-results", help="folder for JSON/CSV/PNG")
@@ -43,6 +44,7 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
+    from ..data import DataSplit
     from ..experiments import SimulateConfig
 
     recipe = SimulateConfig().recipe
@@ -50,11 +52,10 @@ def _config(args: argparse.Namespace):
         recipe, smsd_body_lr_scale=args.smsd_body_lr_scale, noise_std=args.noise_std,
         pretrain=replace(recipe.pretrain, epochs=args.pretrain_epochs),
         finetune=replace(recipe.finetune, epochs=args.finetune_epochs))
-    cfg = SimulateConfig(
-        dataset=args.dataset, clients=args.clients, alpha=args.alpha,
-        labeled_fraction=args.labeled_fraction, rounds=args.rounds,
-        local_epochs=args.local_epochs, loader=args.loader, recipe=recipe,
-    ).with_seed(args.seed)
+    split = DataSplit(dataset=args.dataset, clients=args.clients, alpha=args.alpha,
+                      labeled_fraction=args.labeled_fraction)
+    cfg = SimulateConfig(split=split, rounds=args.rounds, local_epochs=args.local_epochs,
+                         loader=args.loader, recipe=recipe).with_seed(args.seed)
     return cfg.quick() if args.quick else cfg
 
 

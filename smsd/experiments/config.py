@@ -13,28 +13,27 @@ __all__ = ["SimulateConfig"]
 
 @dataclass(frozen=True)
 class SimulateConfig:
-    dataset: str = "digits"
-    clients: int = 4
-    alpha: float = 0.5
-    labeled_fraction: float = 0.2
-    test_fraction: float = 0.2
-    seed: int = 0
-    rounds: int = 20  # FedAvg
-    local_epochs: int = 10  # FedAvg
-    loader: str = "auto"  # for 'folder:' data sets: "dali", "torch" or "auto"
+    """``split``: the clients and their data (its ``seed`` also seeds the keys, the noise
+    and the baselines' tails); ``rounds`` and ``local_epochs``: the FedAvg baseline's
+    budget; ``loader`` for ``folder:`` data sets ("dali", "torch" or "auto")."""
+
+    split: DataSplit = field(default_factory=DataSplit)
+    rounds: int = 20
+    local_epochs: int = 10
+    loader: str = "auto"
     recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:
-        positive_ints(self, "clients", "rounds", "local_epochs")
+        positive_ints(self, "rounds", "local_epochs")
 
     @property
-    def split(self) -> DataSplit:
-        return DataSplit(self.dataset, self.clients, self.alpha, self.labeled_fraction,
-                         self.test_fraction, self.seed)
+    def seed(self) -> int:
+        return self.split.seed
 
     def with_seed(self, seed: int) -> SimulateConfig:
         """Every seed (split, keys, inits, shuffles) set to ``seed``."""
-        return replace(self, seed=seed, recipe=self.recipe.with_seed(seed))
+        return replace(self, split=replace(self.split, seed=seed),
+                       recipe=self.recipe.with_seed(seed))
 
     def quick(self) -> SimulateConfig:
         """A seconds-long version (smoke tests, CI)."""

@@ -44,8 +44,9 @@ def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
     model = cfg.recipe.model
     data, num_classes, n_images = cfg.split.load(img_size=model.img_size,
                                                  in_chans=model.in_chans, loader=cfg.loader)
-    log(f"{cfg.dataset}: {n_images} images, {num_classes} classes, {cfg.clients} clients "
-        f"(alpha={cfg.alpha}); train/labeled/test per client: "
+    split = cfg.split
+    log(f"{split.dataset}: {n_images} images, {num_classes} classes, {split.clients} clients "
+        f"(alpha={split.alpha}); train/labeled/test per client: "
         + ", ".join(f"{d.train_images.shape[0]}/{d.labeled_labels.numel()}/"
                     f"{d.test_labels.numel()}" for d in data))
     clients = methods.Clients.embed(cfg, data, num_classes)
