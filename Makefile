@@ -71,4 +71,4 @@ wheel: setup
 	cd build && wheel-venv/bin/python -c "import smsd, smsd._C, smsd.kernels; print(smsd.backends())"
 
 clean:
-	rm -rf build dist *.egg-info smsd/_C*.so .pytest_cache benchmarks/.benchmarks
+	rm -rf build dist *.egg-info smsd/_C*.so smsd/_build_info.py .pytest_cache benchmarks/.benchmarks
