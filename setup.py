@@ -26,13 +26,12 @@ TORCH_MINOR = ".".join(TORCH_VERSION.split("+")[0].split(".")[:2])
 REQUIREMENTS = ["numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60"]
 
 # A build names the torch its extension is compiled against, 0.1.0+torch2.13 requiring
-# torch==2.13.*, since a C++ extension only loads beside the torch minor it was built
-# for. An sdist is source, built later against whatever torch is installed then, so it
-# keeps the plain version and a loose torch: a tight one resolved by pip on a machine
-# without torch could pull a multi-GB CUDA build (the Makefile pins the torch to
-# install), and a range keeps an installed torch from being replaced. Editable installs
-# are tagged like wheels: pip prepares one metadata for both and rejects a wheel whose
-# version differs from it.
+# torch==2.13.*, since torch keeps no C++ ABI across minor versions. An sdist is source,
+# built later against whatever torch is installed then, so it keeps the plain version
+# and a loose torch: a tight one resolved by pip on a machine without torch could pull
+# a multi-GB CUDA build (the Makefile pins the torch to install), and a range keeps an
+# installed torch from being replaced. Editable installs are tagged like wheels: pip
+# prepares one metadata for both and rejects a wheel whose version differs from it.
 if "sdist" in sys.argv[1:]:
     version, torch_requirement = VERSION, "torch>=2.4"
 else:
@@ -67,7 +66,8 @@ def _extension() -> CppExtension:
         name="smsd._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+        # C++20: torch >= 2.14's headers require it, and torch's own JIT builds use it.
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++20"]},
         extra_link_args=["-fopenmp"],
     )
 
