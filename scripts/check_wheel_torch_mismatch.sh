@@ -48,6 +48,7 @@ fi
 env -u PYTHONPATH TRITON_INTERPRET=1 "mismatch-venv/bin/python" - <<'EOF'
 import importlib.metadata
 import os
+import sys
 
 import torch
 
@@ -79,6 +80,8 @@ with smsd.use_backend("cpp"):
         assert "rebuild" in str(exc)
     else:
         raise AssertionError("the cpp backend ran with an extension built for another torch")
+assert smsd.bench.cpu_info.cpu_info()["smsd_row_loops"].startswith("unavailable (built for")
+assert "smsd._C" not in sys.modules, "an extension built for another torch was loaded"
 print(f"ok: smsd {importlib.metadata.version('smsd')} beside torch {torch.__version__}")
 EOF
 cd ..
