@@ -10,6 +10,12 @@ DIST=$(mkdir -p "${DIST:-dist}" && cd "${DIST:-dist}" && pwd)
 WORK=build/wheels
 [ $# -gt 0 ] || { echo "usage: $0 TORCH_VERSION..." >&2; exit 2; }
 
+quiet() {  # pip's output only when it fails
+  local log; log=$(mktemp)
+  "$@" >"$log" 2>&1 || { cat "$log"; rm -f "$log"; return 1; }
+  rm -f "$log"
+}
+
 for torch_version in "$@"; do
   start=$(date +%s)
   echo "== smsd wheel for torch $torch_version"
@@ -19,11 +25,11 @@ for torch_version in "$@"; do
     while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done |
     xargs -0 cp --parents -t "$WORK/src"
   "$PYTHON" -m venv "$WORK/venv"
-  "$WORK/venv/bin/pip" install -q --upgrade pip setuptools wheel
-  "$WORK/venv/bin/pip" install -q "torch==$torch_version" ninja
-  (cd "$WORK/src" && ../venv/bin/pip wheel -q --no-build-isolation --no-deps -w ../dist .)
+  quiet "$WORK/venv/bin/pip" install -q --upgrade pip setuptools wheel
+  quiet "$WORK/venv/bin/pip" install -q "torch==$torch_version" ninja
+  (cd "$WORK/src" && quiet ../venv/bin/pip wheel -q --no-build-isolation --no-deps -w ../dist .)
   # The wheel installs beside its torch (its torch==X.Y.* is met) and smsd._C loads there.
-  "$WORK/venv/bin/pip" install -q "$WORK"/dist/smsd-*.whl
+  quiet "$WORK/venv/bin/pip" install -q "$WORK"/dist/smsd-*.whl
   (cd "$WORK" && venv/bin/python -c "import smsd, smsd._C; cpp = smsd.backends()['cpp']; \
     assert cpp.available, cpp; print('  ', smsd._C.__file__.split('/')[-1], cpp.detail)")
   mv "$WORK"/dist/smsd-*.whl "$DIST"/

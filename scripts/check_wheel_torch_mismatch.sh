@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 WHEEL=$(realpath "$1")
 TORCH_VERSION=${2:-2.14.1}
 PYTHON=${PYTHON:-python3}
-VENV=build/mismatch-venv
+VENV=$PWD/build/mismatch-venv
+trap 'rm -rf "$VENV"' EXIT  # several GB
 start=$(date +%s)
 
 quiet() {  # pip's output only when it fails
@@ -39,13 +40,13 @@ echo "$check" | grep -E "^smsd .*torch==[0-9.]+\*.*you have torch $TORCH_VERSION
 
 # Whether smsd._C itself loads is only reported: a subprocess, since it may crash.
 cd build
-if load=$(env -u PYTHONPATH "mismatch-venv/bin/python" -c "import smsd._C" 2>&1); then
+if load=$(env -u PYTHONPATH "$VENV/bin/python" -c "import smsd._C" 2>&1); then
   echo "note: smsd._C loads beside torch $TORCH_VERSION (backends() still refuses it)"
 else
   echo "smsd._C fails to load beside torch $TORCH_VERSION: $(echo "$load" | tail -n 1)"
 fi
 
-env -u PYTHONPATH TRITON_INTERPRET=1 "mismatch-venv/bin/python" - <<'EOF'
+env -u PYTHONPATH TRITON_INTERPRET=1 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata
 import os
 import sys
@@ -54,6 +55,7 @@ import torch
 
 import smsd
 from smsd._build_info import TORCH_VERSION as built
+from smsd.bench.cpu_info import cpu_info
 
 assert os.path.dirname(smsd.__file__).endswith("site-packages/smsd"), smsd.__file__
 minor = ".".join(built.split(".")[:2])
@@ -80,11 +82,9 @@ with smsd.use_backend("cpp"):
         assert "rebuild" in str(exc)
     else:
         raise AssertionError("the cpp backend ran with an extension built for another torch")
-assert smsd.bench.cpu_info.cpu_info()["smsd_row_loops"].startswith("unavailable (built for")
+assert cpu_info()["smsd_row_loops"].startswith("unavailable (built for")
 assert "smsd._C" not in sys.modules, "an extension built for another torch was loaded"
 print(f"ok: smsd {importlib.metadata.version('smsd')} beside torch {torch.__version__}")
 EOF
-cd ..
-rm -rf "$VENV"
 echo "wheel-mismatch: passed in $(( $(date +%s) - start )) s" \
   "(venv set up in $installed s, $size_mb MB)"
