@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.6.0
 STAMP  := $(VENV)/.smsd-installed
 
-.PHONY: setup test test-numerics demo bench check lint wheel clean
+.PHONY: setup test test-numerics demo bench check lint wheel wheels wheel-mismatch clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,7 +68,22 @@ wheel: setup
 	rm -rf build/wheel-venv
 	$(PYTHON) -m venv build/wheel-venv
 	build/wheel-venv/bin/pip install -q $(TORCH) dist/smsd-*.whl
-	cd build && wheel-venv/bin/python -c "import smsd, smsd._C, smsd.kernels; print(smsd.backends())"
+	cd build && wheel-venv/bin/python -c "import smsd, smsd._C, smsd.kernels, torch; \
+	  from smsd._build_info import TORCH_VERSION; assert TORCH_VERSION == torch.__version__; \
+	  report = smsd.backends(); print(report); assert report['cpp'].available, report['cpp']"
+
+# One wheel per torch version, each built in its own fresh venv with that torch, into dist/:
+#   make wheels TORCHES="2.13.0 2.14.1"
+TORCHES ?= 2.13.0
+wheels:
+	PYTHON=$(PYTHON) scripts/build_wheels.sh $(TORCHES)
+
+# The wheel from `make wheel` (built for torch 2.13) installed beside another torch minor:
+# backends() must say cpp needs a rebuild while torch and triton run. About a minute and
+# 5.5 GB of disk while it runs (torch 2.14.1 is a CUDA build, from local disk here).
+MISMATCH_TORCH ?= 2.14.1
+wheel-mismatch: wheel
+	PYTHON=$(PYTHON) scripts/check_wheel_torch_mismatch.sh dist/smsd-*.whl $(MISMATCH_TORCH)
 
 clean:
-	rm -rf build dist *.egg-info smsd/_C*.so .pytest_cache benchmarks/.benchmarks
+	rm -rf build dist *.egg-info smsd/_C*.so smsd/_build_info.py .pytest_cache benchmarks/.benchmarks

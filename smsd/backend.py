@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -82,10 +83,45 @@ def _triton_status() -> BackendStatus:
     )
 
 
+def _built_for_torch() -> str | None:
+    """The torch ``smsd._C`` was compiled against, from the build info that setup.py
+    writes (read without loading the extension); None in a tree never built."""
+    try:
+        return importlib.import_module("smsd._build_info").TORCH_VERSION
+    except (ImportError, AttributeError):
+        return None
+
+
+def _extension_present() -> bool:
+    """Whether an ``smsd._C`` file is there, found without loading it."""
+    try:
+        return importlib.util.find_spec("smsd._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _torch_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
 def _cpp_status() -> BackendStatus:
+    built, running = _built_for_torch(), str(torch.__version__)
+    mismatched = BackendStatus(
+        "cpp",
+        False,
+        f"built for torch {built}, running {running}: rebuild "
+        f"(pip install -e . --no-build-isolation, or a wheel built for torch {running})",
+    )
+    present = built is not None and _extension_present()
+    if present and _torch_minor(built) != _torch_minor(running):
+        # Not even loaded: torch keeps no C++ ABI across minors, so an extension built
+        # for another one may load and then fail or crash at its first call.
+        return mismatched
     try:
         ext = importlib.import_module("smsd._C")
     except ImportError as exc:
+        if present and built != running:
+            return mismatched
         return BackendStatus(
             "cpp",
             False,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -132,3 +135,55 @@ def test_register_backend_shows_in_report():
     finally:
         del backend_mod._STATUS_PROBES["fakeblas"]
         backend_mod._status.cache_clear()
+
+
+@pytest.fixture
+def fake_build(monkeypatch):
+    """fake_build(built="2.13.0+cpu", running="2.14.1", ext=...): the build info setup.py
+    wrote, the running torch, and smsd._C (a module, or None for one that fails to import)."""
+
+    def apply(built, running, ext=None, present=True):
+        info = None if built is None else types.SimpleNamespace(TORCH_VERSION=built)
+        monkeypatch.setitem(sys.modules, "smsd._build_info", info)  # None: import fails
+        monkeypatch.setitem(sys.modules, "smsd._C", ext)
+        monkeypatch.setattr(torch, "__version__", running)
+        monkeypatch.setattr(backend_mod, "_extension_present", lambda: present)
+        return backend_mod._cpp_status()
+
+    yield apply
+    backend_mod._status.cache_clear()  # backends() cached the faked status
+
+
+MISMATCH = ("built for torch 2.13.0+cpu, running {}: rebuild (pip install -e . "
+            "--no-build-isolation, or a wheel built for torch {})")
+FAKE_EXT = types.SimpleNamespace(cpu_isa=lambda: "avx2", num_threads=lambda: 4)
+
+
+def test_cpp_built_for_another_torch_minor_says_rebuild_without_loading_it(fake_build):
+    status = fake_build("2.13.0+cpu", "2.14.1+cu130", ext=FAKE_EXT)  # would load: not tried
+    assert not status.available
+    assert status.detail == MISMATCH.format("2.14.1+cu130", "2.14.1+cu130")
+
+
+def test_cpp_built_for_another_torch_patch_says_rebuild_when_it_fails_to_load(fake_build):
+    assert fake_build("2.13.0+cpu", "2.13.1", ext=FAKE_EXT).available
+    status = fake_build("2.13.0+cpu", "2.13.1", ext=None)
+    assert not status.available
+    assert status.detail == MISMATCH.format("2.13.1", "2.13.1")
+
+
+@pytest.mark.parametrize(("built", "present"), [(None, True), ("2.13.0+cpu", True),
+                                                ("2.12.0+cpu", False)])
+def test_cpp_missing_extension_is_not_built(fake_build, built, present):
+    status = fake_build(built, "2.13.0+cpu", ext=None, present=present)
+    assert not status.available
+    assert status.detail.startswith("the C++ extension smsd._C is not built")
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])  # triton: interpreted (conftest.py)
+def test_torch_and_triton_run_beside_a_mismatched_extension(fake_build, name):
+    fake_build("2.13.0+cpu", "2.14.1", ext=None)
+    assert smsd.backends()["cpp"].detail.startswith("built for torch 2.13.0+cpu, running 2.14.1")
+    x = torch.randn(1, 4, 2)
+    with smsd.use_backend(name):
+        assert torch.equal(smsd.ops.masked_sample(x, torch.tensor([[3, 1]])), x[:, [3, 1]])

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+import smsd
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,3 +38,11 @@ def test_kernels_load_from_the_tree_without_the_extension(tmp_path):
     assert lines[0] == str(ROOT / "kernels" / "masked_sample.py")
     assert lines[1].startswith("cpp False") and "not built" in lines[1]
     assert lines[2] == "True"
+
+
+def test_builds_are_named_for_the_torch_they_compile_against():
+    """setup.py tags the version with the build's torch minor (wheels require it)."""
+    proc = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True,
+                          text=True, cwd=ROOT, check=True)
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    assert proc.stdout.split()[-1] == f"{smsd.__version__}+torch{minor}"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..backend import _cpp_status
+
 __all__ = ["NUMERIC_SWITCHES", "cpu_info", "cpu_summary"]
 
 # Environment switches that change which kernels (and so which numerics) run.
@@ -46,6 +48,10 @@ def _widest_isa(flags: set[str]) -> str:
 
 
 def _smsd_row_loops() -> str:
+    # Asks the backend probe first: it never loads an extension built for another torch.
+    status = _cpp_status()
+    if not status.available:
+        return f"unavailable ({status.detail.splitlines()[0]})"
     try:
         return importlib.import_module("smsd._C").cpu_isa()
     except (ImportError, RuntimeError) as exc:
