@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..backend import _cpp_status
+from ..backend import backends
 
 __all__ = ["NUMERIC_SWITCHES", "cpu_info", "cpu_summary"]
 
@@ -49,7 +49,7 @@ def _widest_isa(flags: set[str]) -> str:
 
 def _smsd_row_loops() -> str:
     # Asks the backend probe first: it never loads an extension built for another torch.
-    status = _cpp_status()
+    status = backends()["cpp"]
     if not status.available:
         return f"unavailable ({status.detail.splitlines()[0]})"
     try:
