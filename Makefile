@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.6.0
 STAMP  := $(VENV)/.smsd-installed
 
-.PHONY: setup test test-numerics demo bench check lint wheel wheels wheel-mismatch clean
+.PHONY: setup test test-numerics audit-quick demo bench check lint wheel wheels wheel-mismatch clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ test-numerics: setup
 
 demo: setup
 	$(VENV)/bin/smsd simulate --out demo-out
+
+# The privacy audit's quick form (CI, ~2 min): fails if an attack stops breaking a defence
+# it is known to break. The full audit: smsd audit --images digits --out DIR (docs/privacy.md).
+audit-quick: setup
+	$(VENV)/bin/smsd audit --images digits --quick --out audit-quick-out
 
 check: setup
 	$(VENV)/bin/smsd check --triton-interpret

@@ -20,7 +20,8 @@ EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
     "data": (("PIL", "sklearn", "matplotlib"),
              "image folders (Pillow), the bundled digits (scikit-learn), the simulate plot"),
     "dicom": (("pydicom",), "DICOM images"),
-    "audit": (("scipy",), "smsd audit (the assignment solver)"),
+    "audit": (("scipy", "sklearn", "dp_accounting"),
+              "smsd audit (assignment and graph matching, the prior's covariance, ε)"),
     "flower": (("flwr",), "the Flower app and smsd simulate --engine flower"),
     "dali": (("nvidia.dali",), "NVIDIA DALI image pipelines (--loader dali)"),
 }

@@ -4,13 +4,16 @@ recover, the metrics match closed forms, and the CLI reports and rejects bad inp
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from smsd.audit import (
-    audit_tokens,
+    AuditPlan,
+    Knowledge,
+    audit_shard,
     position_accuracy,
     psnr,
     reconstruct,
@@ -18,6 +21,7 @@ from smsd.audit import (
     unshuffle_known_head,
     unshuffle_known_positions,
 )
+from smsd.audit.references import random_order
 from smsd.cli import main
 from smsd.crypto import PermutationKey
 from smsd.data import load_digits
@@ -28,26 +32,28 @@ N_IMAGES = 12
 CHANCE = 1 / 64  # 64 tokens per image in the demo model
 
 
-def _shard(tmp_path, noise_std=0.0, client_config=None):
-    """The demo model's shard of a few digits, its ground truth and the originals."""
+def _rows(tmp_path, noise_std=0.0, client_config=None):
+    """The known-head attacks' rows on the demo model's shard of a few digits, and a
+    random order's (the originals' patches shuffled)."""
     config = model_config("demo")
     images = load_digits(config.img_size)[0][:N_IMAGES]
     key = PermutationKey.generate()
     client = Client(client_config or config, key, noise_std=noise_std, noise_seed=1)
-    tokens = read_shard(client.encode(images, tmp_path / "shard.safetensors"))
-    return tokens, key.permutations(range(N_IMAGES), config.n_tokens), images, config
-
-
-def _rows(tmp_path, **kwargs):
-    tokens, truth, images, config = _shard(tmp_path, **kwargs)
-    rows = audit_tokens(tokens, PatchHead(config), truth=truth, originals=images)
-    return {r.attack: r for r in rows}
+    shard = client.encode(images, tmp_path / "shard.safetensors")
+    plan = AuditPlan(attacks=("pseudo-inverse", "nearest position"))
+    report = audit_shard(shard, PatchHead(config), key=key, images=images,
+                         noise_std=noise_std, plan=plan)
+    rows = {r.attack: r for r in report.rows}
+    shuffled = random_order(images, Knowledge(config, None, images)).images
+    rows["random order"] = SimpleNamespace(positions_correct=0.0,
+                                           psnr_db=psnr(shuffled, images, 2.0),
+                                           ssim=ssim(shuffled, images, 2.0))
+    return rows
 
 
 def test_unprotected_shard_is_unshuffled_and_reconstructed(tmp_path):
     rows = _rows(tmp_path)
-    chance, known = rows["chance (random order)"], rows["known head + inversion"]
-    assert chance.positions_correct < 0.05
+    chance, known = rows["random order"], rows["pseudo-inverse"]
     assert known.positions_correct > 0.95 > 20 * CHANCE
     assert rows["nearest position"].positions_correct > 0.9
     # fp16 shards leave ~1e-3 error: tens of dB above a random order's reconstruction.
@@ -58,17 +64,17 @@ def test_unprotected_shard_is_unshuffled_and_reconstructed(tmp_path):
 def test_noise_lowers_what_the_attacks_recover(tmp_path):
     clean = _rows(tmp_path)
     noisy = _rows(tmp_path, noise_std=1.0)
-    for attack in ("known head + inversion", "nearest position"):
+    for attack in ("pseudo-inverse", "nearest position"):
         assert noisy[attack].positions_correct < 0.5 * clean[attack].positions_correct
-    assert noisy["known head + inversion"].psnr_db < clean["known head + inversion"].psnr_db - 30
-    assert noisy["known head + inversion"].ssim < 0.3
+    assert noisy["pseudo-inverse"].psnr_db < clean["pseudo-inverse"].psnr_db - 30
+    assert noisy["pseudo-inverse"].ssim < 0.3
 
 
 def test_secret_head_seed_hides_pixels_not_positions(tmp_path):
     config = model_config("demo")
     rows = _rows(tmp_path, client_config=config.replace(head_seed=12345))
     assert rows["nearest position"].positions_correct > 0.9  # the sin-cos table is public
-    assert rows["known head + inversion"].psnr_db < rows["chance (random order)"].psnr_db + 5
+    assert rows["pseudo-inverse"].psnr_db < rows["random order"].psnr_db + 5
 
 
 @pytest.mark.parametrize("in_chans,img_size,patch,dim", [(2, 12, 4, 48), (1, 10, 5, 36)])
@@ -140,8 +146,6 @@ def test_bad_inputs_raise_clear_errors():
         unshuffle_known_positions(tokens, head.pos_embed[0], 16, refine_steps=-1)
     with pytest.raises(ValueError, match="data_range"):
         psnr(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), data_range=0)
-    with pytest.raises(ValueError, match="truth must have shape"):
-        audit_tokens(tokens, head, truth=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="noise_std"):
         Client(config, None, noise_std=-1.0)
 
@@ -159,13 +163,23 @@ def test_noise_without_a_seed_is_fresh(tmp_path):
 MODEL_ARGS = ["--img-size", "16", "--patch-size", "4", "--in-chans", "1"]
 
 
-def test_cli_audits_its_own_encoding_as_json(capsys):
-    assert main(["audit", "--images", "digits", "--limit", "6", "--json", "--noise-std",
-                 "0.1", "--refine-steps", "1"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["images"] == 6 and report["shard_head_is_server_head"]
-    known = next(r for r in report["rows"] if r["attack"].startswith("known head"))
-    assert known["positions_correct"] > 0.9 and known["psnr_db"] > 20
+def test_cli_audits_its_own_encoding_as_json(tmp_path, capsys):
+    out = tmp_path / "audit"
+    assert main(["audit", "--images", "digits", "--limit", "40", "--json", "--defences",
+                 "permutation", "noise", "--noise-std", "0.1", "--attacks", "pseudo-inverse",
+                 "prior + linear MMSE", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    assert report["images"] == 40 and report["public_images"] == 40
+    rows = {(r["defence"], r["attack"]): r for r in report["rows"]}
+    assert {"random order", "mean image", "class-mean image"} <= {a for _, a in rows}
+    known = rows[("permutation only", "pseudo-inverse")]
+    assert known["positions_textured"] > 0.95 and known["psnr_db"] > 40
+    assert rows[("noise σ=0.1", "prior + linear MMSE")]["psnr_db"] > 20
+    assert report["budgets"]["noise σ=0.1"]["epsilon_per_patch"] > 0
+    assert all(not v["at_chance"] for v in report["verdicts"])
+    assert json.loads((out / "audit.json").read_text())["rows"] == report["rows"]
+    assert "| permutation only | pseudo-inverse |" in (out / "audit.md").read_text()
+    assert (out / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_audits_a_shard_with_key_and_npz_images(tmp_path, capsys):
@@ -177,24 +191,27 @@ def test_cli_audits_a_shard_with_key_and_npz_images(tmp_path, capsys):
     Client(config, key).encode(images, shard, image_ids=["a", "b", "c", "d"])
     np.savez(npz, images=images.numpy(), ids=np.array(["a", "b", "c", "d"]))
     assert main(["audit", "--shard", str(shard), "--key", str(key_file), "--images", str(npz),
-                 *MODEL_ARGS]) == 0
+                 "--attacks", "pseudo-inverse", "nearest position", *MODEL_ARGS]) == 0
     out = capsys.readouterr().out
     assert "is the head the server has" in out
-    assert "| known head + inversion | head weights | 100.00 |" in out
+    assert "| this shard | pseudo-inverse | config + head | 100.0 |" in out
     # Without ground truth the attacks still run; the table says what is unknown.
-    assert main(["audit", "--shard", str(shard), *MODEL_ARGS, "--head-seed", "4"]) == 0
+    assert main(["audit", "--shard", str(shard), *MODEL_ARGS, "--head-seed", "4",
+                 "--attacks", "pseudo-inverse"]) == 0
     out = capsys.readouterr().out
     assert "NOT the server's head" in out and "no --key" in out
 
 
 @pytest.mark.parametrize("extra,message", [
-    ([], "give --shard"),
+    ([], "give --images"),
     (["--images", "digits", "--key", "k.key"], "--key is the ground truth of --shard"),
+    (["--images", "digits", "--head", "h.pt"], "--head is the head the server believes in"),
     (["--images", "digits", "--limit", "0"], "--limit must be >= 1"),
     (["--images", "digits", "--noise-std", "-1"], "--noise-std must be"),
+    (["--shard", "s", "--noise-std", "0.1", "0.2"], "give one --noise-std"),
     (["--images", "nowhere"], "--images must be 'digits'"),
     (["--shard", "missing.safetensors"], "does not exist"),
-    (["--images", "digits", "--head", "missing.pt"], "checkpoint missing.pt does not exist"),
+    (["--shard", "s.safetensors", "--head", "missing.pt"], "checkpoint missing.pt does not exist"),
     (["--images", "digits", "--pixel-range", "1", "0"], "--pixel-range must be LOW < HIGH"),
 ])
 def test_cli_rejects_bad_arguments(extra, message, capsys):
@@ -215,10 +232,26 @@ def test_cli_rejects_mismatched_images(tmp_path, capsys):
     np.savez(npz, images=np.zeros((3, 1, 8, 8), np.float32))
     assert main(["audit", "--shard", str(shard), "--images", str(npz), *MODEL_ARGS]) == 2
     assert "must be a float array [n, 1, 16, 16]" in capsys.readouterr().err
+    np.savez(npz, images=np.zeros((3, 1, 16, 16), np.float32), labels=np.zeros(2, np.int64))
+    assert main(["audit", "--shard", str(shard), "--images", str(npz), *MODEL_ARGS]) == 2
+    assert "'labels' must be integers [3]" in capsys.readouterr().err
 
 
-def test_simulate_quick_with_noise(tmp_path, capsys):
+def test_simulate_quick_with_a_defence(tmp_path, capsys):
     out = tmp_path / "sim"
-    assert main(["simulate", "--quick", "--no-progress", "--noise-std", "0.5",
-                 "--out", str(out)]) == 0
-    assert json.loads((out / "results.json").read_text())["config"]["recipe"]["noise_std"] == 0.5
+    assert main(["simulate", "--quick", "--no-progress", "--noise-std", "0.5", "--methods",
+                 "smsd", "--head-seed", "3", "--pos-embed-scale", "0", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    recipe = result["config"]["recipe"]
+    assert recipe["noise_std"] == 0.5
+    assert recipe["model"]["head_seed"] == 3 and recipe["model"]["pos_embed_scale"] == 0
+    assert [r["method"] for r in result["results"]] == ["SMSD"]
+    assert main(["simulate", "--quick", "--pos-embed-scale", "-1"]) == 2
+    assert "--pos-embed-scale must be >= 0" in capsys.readouterr().err
+
+
+def test_simulate_config_rejects_unknown_methods():
+    from smsd.experiments import SimulateConfig
+
+    with pytest.raises(ValueError, match="methods must be distinct names among smsd"):
+        SimulateConfig(methods=("smsd", "fedprox"))

@@ -84,9 +84,12 @@ def test_simulate_digits_without_scikit_learn(tmp_path):
     assert not (tmp_path / "sim").exists()
 
 
-def test_audit_without_scipy(tmp_path):
-    proc = smsd_without("scipy", "audit", "--images", "digits", "--limit", "4", cwd=tmp_path)
-    one_error_line(proc, "smsd audit", "needs scipy", "pip install 'smsd[audit]'")
+@pytest.mark.parametrize("module", ["scipy", "dp_accounting"])
+def test_audit_without_its_extra(tmp_path, module):
+    proc = smsd_without(module, "audit", "--images", "digits", "--limit", "4", "--out", "a",
+                        cwd=tmp_path)
+    one_error_line(proc, "smsd audit", f"needs {module}", "pip install 'smsd[audit]'")
+    assert not (tmp_path / "a").exists()
 
 
 def test_encode_without_pillow_writes_nothing(tmp_path, png_folder):

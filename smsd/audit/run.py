@@ -1,38 +1,32 @@
-"""One audit: the attacks of :mod:`.report` on a shard, or on a client the audit simulates.
+"""Audit an existing shard: the attacks that apply to what the server has.
 
 The auditor plays the server. It knows the public model config and the head it believes
-in; with the client's key (ground truth of the order) and the original images it can
-also score how much leaked.
+in; with public images of the same kind the prior-aware, blind and learned attacks run
+too; with the client's key (ground truth of the order) and the original images it can
+score how much leaked.
 """
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import dataclass
+import time
 from os import PathLike
-from pathlib import Path
 
 import torch
 
 from ..crypto import PermutationKey
 from ..models import PatchHead, ViTConfig, head_fingerprint, load_pretrained
-from ..protocol.client import Client
 from ..protocol.shard import inspect_shard, read_shard
+from .catalog import ATTACKS
 from .inputs import AuditError
-from .report import AuditRow, audit_tokens
+from .knowledge import Attempt, Knowledge
+from .plan import AuditPlan
+from .references import mean_image
+from .report import AuditReport, AuditRow, verdict
+from .suite import _Scorer, attack_names
 
-__all__ = ["AuditRun", "attacker_head", "audit_shard", "audit_simulated_client"]
+__all__ = ["attacker_head", "audit_shard"]
 
-
-@dataclass
-class AuditRun:
-    rows: list[AuditRow]
-    context: dict  # images, tokens_per_image, embed_dim, patch_values, noise_std, same head
-    scored: bool  # the key was known: positions could be scored
-
-    @property
-    def same_head(self) -> bool:
-        return bool(self.context["shard_head_is_server_head"])
+_NEEDS_PUBLIC = {"prior + linear MMSE", "blind", "inverse network"}
 
 
 def attacker_head(config: ViTConfig, checkpoint: str | PathLike | None = None) -> PatchHead:
@@ -42,54 +36,55 @@ def attacker_head(config: ViTConfig, checkpoint: str | PathLike | None = None) -
     return load_pretrained(checkpoint).head.eval()
 
 
-def _run(tokens: torch.Tensor, head: PatchHead, shard_fingerprint: str, *,
-         key: PermutationKey | None, images: torch.Tensor | None, ids, noise_std: float | None,
-         pixel_range: tuple[float, float], refine_steps: int) -> AuditRun:
-    config = head.config
-    truth = None
-    if key is not None:
-        truth = key.permutations(ids if ids is not None else range(len(tokens)),
-                                 config.n_tokens)
-    rows = audit_tokens(tokens, head, truth=truth, originals=images,
-                        pixel_range=pixel_range, refine_steps=refine_steps)
-    context = {"images": len(tokens), "tokens_per_image": config.n_tokens,
-               "embed_dim": config.embed_dim,
-               "patch_values": head.patch_embed.proj.weight[0].numel(),
-               "noise_std": noise_std,
-               "shard_head_is_server_head": shard_fingerprint == head_fingerprint(head)}
-    return AuditRun(rows, context, truth is not None)
-
-
 def audit_shard(shard: str | PathLike, head: PatchHead, *, key: PermutationKey | None = None,
-                images: torch.Tensor | None = None, ids=None, limit: int | None = None,
+                images: torch.Tensor | None = None, ids=None,
+                public: torch.Tensor | None = None, public_labels: torch.Tensor | None = None,
+                limit: int | None = None, noise_std: float = 0.0,
                 pixel_range: tuple[float, float] = (-1.0, 1.0),
-                refine_steps: int = 3) -> AuditRun:
-    """Attack an existing shard (its first ``limit`` images); ``key`` and ``images`` (with
-    their ``ids``) give the ground truth."""
+                plan: AuditPlan | None = None) -> AuditReport:
+    """Attack a shard (its first ``limit`` images) with ``head``; ``public`` images enable
+    the attacks that learn from them; ``key`` and ``images`` (with their ``ids``) score it.
+    ``noise_std``: the noise the client added (the attacks' model of the shard)."""
+    plan = plan or AuditPlan()
     config = head.config
     tokens = read_shard(shard, grid=config.grid, embed_dim=config.embed_dim)
     if limit is not None:
         tokens = tokens[:limit]
-    if images is not None and len(images) != len(tokens):
-        raise AuditError(f"--images has {len(images)} images, the shard {len(tokens)} "
+    n = len(tokens)
+    if images is not None and len(images) != n:
+        raise AuditError(f"--images has {len(images)} images, the shard {n} "
                          "(use --limit to audit the first N of both)")
-    return _run(tokens, head, inspect_shard(shard).head_fingerprint, key=key, images=images,
-                ids=ids, noise_std=None, pixel_range=pixel_range, refine_steps=refine_steps)
-
-
-def audit_simulated_client(images: torch.Tensor, head: PatchHead, *, ids=None,
-                           noise_std: float = 0.0, client_head_seed: int | None = None,
-                           pixel_range: tuple[float, float] = (-1.0, 1.0),
-                           refine_steps: int = 3) -> AuditRun:
-    """Play the client: encode ``images`` with a fresh key (with ``noise_std`` and, to
-    measure a secret head, ``client_head_seed``), then attack that shard."""
-    config = head.config
-    key = PermutationKey.generate()
-    client_config = config if client_head_seed is None \
-        else config.replace(head_seed=client_head_seed)
-    client = Client(client_config, key, noise_std=noise_std)
-    with tempfile.TemporaryDirectory(prefix="smsd-audit-") as tmp:
-        tokens = read_shard(client.encode(images, Path(tmp) / "shard.safetensors",
-                                          image_ids=ids))
-    return _run(tokens, head, client.fingerprint, key=key, images=images, ids=ids,
-                noise_std=noise_std, pixel_range=pixel_range, refine_steps=refine_steps)
+    truth = None
+    if key is not None:
+        truth = key.permutations(ids if ids is not None else range(n), config.n_tokens)
+    same_head = inspect_shard(shard).head_fingerprint == head_fingerprint(head)
+    image_shape = (config.in_chans, config.img_size, config.img_size)
+    placeholder = public if public is not None else torch.zeros(0, *image_shape)
+    knowledge = Knowledge(config, head, placeholder, public_labels, noise_std, pixel_range)
+    originals = images if images is not None else torch.zeros(n, *image_shape)
+    score = _Scorer(originals, config, plan, pixel_range)
+    rows: list[AuditRow] = []
+    mean_row = None
+    if public is not None and images is not None:
+        mean_row = score(mean_image(n, knowledge), None, defence="reference",
+                         attack="mean image", server_knows="public images", reference=True)
+        rows.append(mean_row)
+    defence = "this shard"
+    for name in attack_names(plan):
+        spec, fn = ATTACKS[name]
+        if not spec.applies(knowledge) or (name in _NEEDS_PUBLIC and public is None):
+            continue
+        t0 = time.perf_counter()
+        attempt = fn(tokens, knowledge, plan)
+        if images is None:
+            attempt = Attempt(attempt.positions, None)
+        rows.append(score(attempt, truth, defence=defence, attack=name,
+                          server_knows=spec.knowledge_used(knowledge),
+                          seconds=time.perf_counter() - t0))
+    verdicts = [verdict(defence, rows, mean_row, config.n_tokens)] if mean_row else []
+    context = {"images": n, "tokens_per_image": config.n_tokens, "embed_dim": config.embed_dim,
+               "patch_values": config.in_chans * config.patch_size**2,
+               "noise_std": noise_std, "shard_head_is_server_head": same_head,
+               "scored_positions": truth is not None, "scored_pixels": images is not None,
+               "pixel_range": list(pixel_range)}
+    return AuditReport(rows, verdicts, {}, context)

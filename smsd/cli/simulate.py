@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from ..errors import SmsdError
 from ..extras import available, require
 from .common import add_loader_arg
 
@@ -13,6 +14,7 @@ __all__ = ["add_simulate"]
 
 def add_simulate(sub: argparse._SubParsersAction) -> None:
     from ..experiments import SimulateConfig
+    from ..experiments.config import METHODS
 
     d = SimulateConfig()
     s = d.split
@@ -40,6 +42,15 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     add_loader_arg(p)
     p.add_argument("--noise-std", type=float, default=d.recipe.noise_std,
                    help="Gaussian noise on the uploaded tokens (privacy mitigation; smsd audit)")
+    p.add_argument("--head-seed", type=int, default=d.recipe.model.head_seed,
+                   help="seed of the clients' head (a seed the clients keep from the server "
+                   "is the 'secret head seed' defence; smsd audit)")
+    p.add_argument("--pos-embed-scale", type=float, default=d.recipe.model.pos_embed_scale,
+                   help="scale of the head's position embedding (0: none, the 'no position "
+                   "embedding' defence; smsd audit)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   metavar="METHOD", help=f"which methods to run (of {', '.join(METHODS)}; "
+                   "a defence changes only SMSD's row)")
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -48,14 +59,19 @@ def _config(args: argparse.Namespace):
     from ..experiments import SimulateConfig
 
     recipe = SimulateConfig().recipe
+    if not args.pos_embed_scale >= 0:
+        raise SmsdError(f"--pos-embed-scale must be >= 0, got {args.pos_embed_scale}")
+    model = recipe.model.replace(head_seed=args.head_seed, pos_embed_scale=args.pos_embed_scale)
     recipe = replace(
-        recipe, smsd_body_lr_scale=args.smsd_body_lr_scale, noise_std=args.noise_std,
+        recipe, model=model, smsd_body_lr_scale=args.smsd_body_lr_scale,
+        noise_std=args.noise_std,
         pretrain=replace(recipe.pretrain, epochs=args.pretrain_epochs),
         finetune=replace(recipe.finetune, epochs=args.finetune_epochs))
     split = DataSplit(dataset=args.dataset, clients=args.clients, alpha=args.alpha,
                       labeled_fraction=args.labeled_fraction)
     cfg = SimulateConfig(split=split, rounds=args.rounds, local_epochs=args.local_epochs,
-                         loader=args.loader, recipe=recipe).with_seed(args.seed)
+                         loader=args.loader, recipe=recipe,
+                         methods=tuple(dict.fromkeys(args.methods))).with_seed(args.seed)
     return cfg.quick() if args.quick else cfg
 
 

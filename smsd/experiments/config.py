@@ -8,23 +8,31 @@ from ..checks import positive_ints
 from ..data import DataSplit
 from ..recipe import Recipe
 
-__all__ = ["SimulateConfig"]
+__all__ = ["METHODS", "SimulateConfig"]
+
+METHODS = ("smsd", "finetune-only", "fedavg", "centralized")
 
 
 @dataclass(frozen=True)
 class SimulateConfig:
     """``split``: the clients and their data (its ``seed`` also seeds the keys, the noise
     and the baselines' tails); ``rounds`` and ``local_epochs``: the FedAvg baseline's
-    budget; ``loader`` for ``folder:`` data sets ("dali", "torch" or "auto")."""
+    budget; ``loader`` for ``folder:`` data sets ("dali", "torch" or "auto"); ``methods``:
+    which of :data:`METHODS` to run (a defence changes only SMSD's row)."""
 
     split: DataSplit = field(default_factory=DataSplit)
     rounds: int = 20
     local_epochs: int = 10
     loader: str = "auto"
     recipe: Recipe = field(default_factory=Recipe)
+    methods: tuple[str, ...] = METHODS
 
     def __post_init__(self) -> None:
         positive_ints(self, "rounds", "local_epochs")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be distinct names among {', '.join(METHODS)}; "
+                             f"got {list(self.methods)}")
 
     @property
     def seed(self) -> int:

@@ -35,9 +35,10 @@ def _timed(fn: Callable[[], MethodResult]) -> MethodResult:
 def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
              progress: bool = True, log: Callable[[str], None] = print,
              engine: str = "local") -> list[MethodResult]:
-    """Run the four methods; with ``out_dir``, write ``results.json``, ``results.csv`` and
-    ``results.png`` there (atomically). ``engine="flower"`` runs the SMSD row through
-    Flower's simulation engine (:mod:`smsd.federation`)."""
+    """Run the methods of ``cfg.methods`` (default: all four); with ``out_dir``, write
+    ``results.json``, ``results.csv`` and ``results.png`` there (atomically).
+    ``engine="flower"`` runs the SMSD row through Flower's simulation engine
+    (:mod:`smsd.federation`)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be 'local' or 'flower', got {engine!r}")
     torch.manual_seed(cfg.seed)
@@ -52,15 +53,19 @@ def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
     clients = methods.Clients.embed(cfg, data, num_classes)
     body = methods.initial_body(cfg)
     results = []
-    if engine == "flower":
-        results.append(_timed(lambda: methods.smsd_flower(cfg, log)))
-    else:
-        with tempfile.TemporaryDirectory(prefix="smsd-simulate-") as tmp:
-            results.append(_timed(lambda: methods.smsd(cfg, clients, Path(tmp), progress)))
-    log(format_row(results[-1]))
-    for run in (methods.finetune_only, methods.fedavg, methods.centralized):
-        results.append(_timed(lambda run=run: run(cfg, clients, body)))
+    if "smsd" in cfg.methods:
+        if engine == "flower":
+            results.append(_timed(lambda: methods.smsd_flower(cfg, log)))
+        else:
+            with tempfile.TemporaryDirectory(prefix="smsd-simulate-") as tmp:
+                results.append(_timed(lambda: methods.smsd(cfg, clients, Path(tmp), progress)))
         log(format_row(results[-1]))
+    baselines = {"finetune-only": methods.finetune_only, "fedavg": methods.fedavg,
+                 "centralized": methods.centralized}
+    for name, run in baselines.items():
+        if name in cfg.methods:
+            results.append(_timed(lambda run=run: run(cfg, clients, body)))
+            log(format_row(results[-1]))
     if out_dir is not None:
         write_results(results, cfg, Path(out_dir))
     return results
