@@ -158,3 +158,14 @@ def test_inverse_network_size_follows_the_plan():
     assert inverse_net_config(AuditPlan()) == InverseNetConfig()
     large = inverse_net_config(AuditPlan(device="cuda"))
     assert large == InverseNetConfig.large() and large.width > InverseNetConfig().width
+
+
+def test_the_figure_shows_what_the_best_row_scores(digits):
+    attacked, _, public, _ = (t[:8] for t in digits)
+    plan = AuditPlan(defences=(Defence("no position embedding", position_embedding=False),),
+                     attacks=("jigsaw",), figure_images=8)
+    report = run_audit(attacked, public, CONFIG, plan=plan)
+    best = max((r for r in report.rows if not r.reference), key=lambda r: r.psnr_db)
+    assert best.attack == "jigsaw, best shift ≤ 2"
+    shown = report.figure_images[f"no position embedding\n{best.attack}"]
+    assert psnr(shown, attacked, 2.0) == pytest.approx(best.psnr_db)

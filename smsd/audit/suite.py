@@ -140,9 +140,10 @@ def run_audit(attacked: torch.Tensor, public: torch.Tensor, config: ViTConfig, *
                        seconds=seconds)
             defence_rows.append((score(attempt, truth, attack=name, **row), attempt))
             if spec.shift_tolerant and attempt.images is not None:
-                defence_rows.append((score(score.shifted(attempt, truth), truth,
-                                           attack=f"{name}, best shift ≤ {plan.max_shift}",
-                                           **row), attempt))
+                shifted = score.shifted(attempt, truth)
+                defence_rows.append((score(shifted, truth, **row,
+                                           attack=f"{name}, best shift ≤ {plan.max_shift}"),
+                                     shifted))
             log(f"{defence.name}: {name} done in {seconds:.0f} s")
         if defence.secret_head and plan.colluder_images:
             t0 = time.perf_counter()
