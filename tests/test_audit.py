@@ -168,7 +168,7 @@ def test_cli_audits_its_own_encoding_as_json(tmp_path, capsys):
     assert main(["audit", "--images", "digits", "--limit", "40", "--json", "--defences",
                  "permutation", "noise", "--noise-std", "0.1", "--attacks", "pseudo-inverse",
                  "prior + linear MMSE", "--out", str(out)]) == 0
-    report = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    report = json.loads(capsys.readouterr().out)
     assert report["images"] == 40 and report["public_images"] == 40
     rows = {(r["defence"], r["attack"]): r for r in report["rows"]}
     assert {"random order", "mean image", "class-mean image"} <= {a for _, a in rows}

@@ -159,8 +159,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     report.context["seconds"] = round(time.perf_counter() - start, 1)
     written = report.write(Path(args.out)) if args.out is not None else []
     print(report.to_json() if args.json else _summary(report))
-    for path in written:
-        print(f"wrote {path}")
+    for path in written:  # with --json, stdout holds the JSON alone
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     return _check_expectations(report) if args.quick else 0
 
 
