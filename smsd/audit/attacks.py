@@ -25,6 +25,7 @@ import torch
 from ..checks import non_negative_int, positive_int
 from ..extras import require
 from ..models import PatchHead
+from .knowledge import check_tokens
 
 __all__ = ["assign", "reconstruct", "unshuffle_known_head", "unshuffle_known_positions"]
 
@@ -64,15 +65,6 @@ def _complement(basis: torch.Tensor) -> torch.Tensor:
     return torch.eye(basis.shape[0], dtype=basis.dtype) - u @ u.T
 
 
-def _check_tokens(tokens: torch.Tensor, n_pos: int, dim: int) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor) or not tokens.dtype.is_floating_point:
-        raise TypeError("tokens must be a floating-point torch.Tensor [n, N, D]")
-    if tokens.dim() != 3 or tokens.shape[1:] != (n_pos, dim):
-        raise ValueError(f"tokens must have shape [n, {n_pos}, {dim}] for this head, "
-                         f"got {list(tokens.shape)}")
-    return tokens.detach().double().cpu()
-
-
 def _box_cost(tokens: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
               pixel_range: tuple[float, float]) -> torch.Tensor:
     """``[n, N, N]``: squared distance of token ``i`` to ``W·clamp(p) + offsets[j]`` where
@@ -105,7 +97,7 @@ def unshuffle_known_head(tokens: torch.Tensor, head: PatchHead,
                          pixel_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """Guess every slot's patch position with the head's weights: int64 ``[n, N]``."""
     weight, bias, pos = _head_parts(head)
-    t = _check_tokens(tokens, len(pos), len(bias))
+    t = check_tokens(tokens, len(pos), len(bias))
     return assign(_box_cost(t, weight, pos + bias, _check_range(pixel_range)))
 
 
@@ -121,7 +113,7 @@ def unshuffle_known_positions(tokens: torch.Tensor, pos_embed: torch.Tensor, pat
     non_negative_int("refine_steps", refine_steps)
     positive_int("patch_dim", patch_dim)
     pos = pos_embed.detach().double().cpu().reshape(-1, pos_embed.shape[-1])
-    t = _check_tokens(tokens, *pos.shape)
+    t = check_tokens(tokens, *pos.shape)
     guess = assign(torch.cdist(t, pos[None]).pow(2))
     if patch_dim >= pos.shape[1]:
         return guess  # W spans every direction: nothing lies outside it
@@ -141,7 +133,7 @@ def reconstruct(tokens: torch.Tensor, positions: torch.Tensor, head: PatchHead,
     """fp32 images ``[n, C, H, W]`` from the least-squares patch of each token at its guessed
     position, clipped to the pixel range (the pseudo-inverse of the head)."""
     weight, bias, pos = _head_parts(head)
-    t = _check_tokens(tokens, len(pos), len(bias))
+    t = check_tokens(tokens, len(pos), len(bias))
     lo, hi = _check_range(pixel_range)
     if positions.shape != t.shape[:2]:
         raise ValueError(f"positions must have shape {list(t.shape[:2])}, "

@@ -28,7 +28,7 @@ import torch
 
 from ..extras import require
 from .attacks import assign
-from .knowledge import Attempt, Knowledge, patches_to_images, place
+from .knowledge import Attempt, Knowledge, check_tokens, patches_to_images, place
 
 __all__ = ["blind"]
 
@@ -250,12 +250,9 @@ def blind(tokens: torch.Tensor, knowledge: Knowledge, seed: int = 0,
     the moment fit (CI)."""
     config = knowledge.config
     n_pos, rank = config.n_tokens, config.in_chans * config.patch_size**2
-    if tokens.dim() != 3 or tokens.shape[1:] != (n_pos, config.embed_dim):
-        raise ValueError(f"tokens must have shape [n, {n_pos}, {config.embed_dim}], "
-                         f"got {list(tokens.shape)}")
-    if len(tokens) < 2 * rank:
-        raise ValueError(f"the blind attack needs at least {2 * rank} images, got {len(tokens)}")
-    t = tokens.detach().double().cpu()
+    t = check_tokens(tokens, n_pos, config.embed_dim)
+    if len(t) < 2 * rank:
+        raise ValueError(f"the blind attack needs at least {2 * rank} images, got {len(t)}")
     rank = min(rank, config.embed_dim)
     labels, basis = _cluster(t, rank)
     grouped = place(t, labels)  # [n, cluster, D]

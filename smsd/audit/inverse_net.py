@@ -30,7 +30,14 @@ from ..checks import non_negative_int, positive_int
 from ..models import PatchHead, ViTConfig
 from .attacks import assign
 from .defences import simulate_upload
-from .knowledge import Attempt, Knowledge, images_to_patches, patches_to_images, place
+from .knowledge import (
+    Attempt,
+    Knowledge,
+    check_tokens,
+    images_to_patches,
+    patches_to_images,
+    place,
+)
 
 __all__ = ["InverseNet", "InverseNetConfig", "apply_inverse_net", "inverse_net",
            "train_inverse_net"]
@@ -125,13 +132,7 @@ class _Encoder:
 
 
 def _check_tokens(tokens: torch.Tensor, config: ViTConfig) -> None:
-    shape = (config.n_tokens, config.embed_dim)
-    if not isinstance(tokens, torch.Tensor) or not tokens.dtype.is_floating_point:
-        raise TypeError(f"tokens must be a floating-point torch.Tensor [n, {shape[0]}, "
-                        f"{shape[1]}]")
-    if tokens.dim() != 3 or tuple(tokens.shape[1:]) != shape:
-        raise ValueError(f"tokens must have shape [n, {shape[0]}, {shape[1]}] for this config, "
-                         f"got {list(tokens.shape)}")
+    check_tokens(tokens, config.n_tokens, config.embed_dim)
 
 
 def _lr_factor(step: int, steps: int) -> float:

@@ -35,8 +35,8 @@ import itertools
 import torch
 
 from ..models import ViTConfig
-from .attacks import _check_range, _check_tokens, _head_parts
-from .knowledge import Attempt, Knowledge, patches_to_images, place
+from .attacks import _check_range, _head_parts
+from .knowledge import Attempt, Knowledge, check_tokens, patches_to_images, place
 
 __all__ = ["best_shift", "best_shift_positions", "compatibility", "jigsaw"]
 
@@ -140,7 +140,7 @@ def jigsaw(tokens: torch.Tensor, knowledge: Knowledge, *, mgc_weight: float = 0.
                          "inverts the head to get each slot's patch")
     config = knowledge.config
     weight, bias, _ = _head_parts(knowledge.head)
-    t = _check_tokens(tokens, config.n_tokens, len(bias))
+    t = check_tokens(tokens, config.n_tokens, len(bias))
     lo, hi = _check_range(knowledge.pixel_range)
     patches = ((t - bias) @ torch.linalg.pinv(weight).T).clamp(lo, hi)  # [n, N, P]
     d = compatibility(patches, config, mgc_weight)

@@ -14,7 +14,8 @@ import torch
 
 from ..models import PatchHead, ViTConfig
 
-__all__ = ["Attempt", "Knowledge", "images_to_patches", "patches_to_images", "place"]
+__all__ = ["Attempt", "Knowledge", "check_tokens", "images_to_patches", "patches_to_images",
+           "place"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,16 @@ class Attempt:
 
     positions: torch.Tensor | None = None
     images: torch.Tensor | None = None
+
+
+def check_tokens(tokens: torch.Tensor, n_pos: int, dim: int) -> torch.Tensor:
+    """An upload ``[n, n_pos, dim]`` as fp64 on the CPU; TypeError/ValueError otherwise."""
+    if not isinstance(tokens, torch.Tensor) or not tokens.dtype.is_floating_point:
+        raise TypeError(f"tokens must be a floating-point torch.Tensor [n, {n_pos}, {dim}]")
+    if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (n_pos, dim):
+        raise ValueError(f"tokens must have shape [n, {n_pos}, {dim}] for this model, "
+                         f"got {list(tokens.shape)}")
+    return tokens.detach().double().cpu()
 
 
 def images_to_patches(images: torch.Tensor, config: ViTConfig) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from ..extras import require
 from .attacks import _head_parts, assign
-from .knowledge import Attempt, Knowledge, patches_to_images, place
+from .knowledge import Attempt, Knowledge, check_tokens, patches_to_images, place
 
 __all__ = ["GaussianPrior", "prior_mmse", "token_variance"]
 
@@ -86,10 +86,7 @@ def prior_mmse(tokens: torch.Tensor, knowledge: Knowledge) -> Attempt:
     if knowledge.head is None:
         raise ValueError("prior_mmse needs the head weights (knowledge.head is None)")
     weight, bias, pos = _head_parts(knowledge.head)
-    if tokens.dim() != 3 or tokens.shape[1:] != (len(pos), len(bias)):
-        raise ValueError(f"tokens must have shape [n, {len(pos)}, {len(bias)}], "
-                         f"got {list(tokens.shape)}")
-    t = tokens.detach().double().cpu()
+    t = check_tokens(tokens, len(pos), len(bias))
     prior = GaussianPrior(knowledge.public_patches())
     variance = token_variance(t, knowledge.noise_std)
     offsets = pos + bias
