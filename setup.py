@@ -23,7 +23,7 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', INIT, re.M)[1]  # one place for
 TORCH_VERSION = str(torch.__version__)  # the torch this build compiles smsd._C against
 TORCH_MINOR = ".".join(TORCH_VERSION.split("+")[0].split(".")[:2])
 
-REQUIREMENTS = ["numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60"]
+REQUIREMENTS = ["numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60", "cryptography>=50"]
 
 # A build names the torch its extension is compiled against, 0.1.0+torch2.13 requiring
 # torch==2.13.*, since torch keeps no C++ ABI across minor versions. An sdist is source,

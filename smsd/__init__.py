@@ -47,7 +47,7 @@ __all__ = [
 # Loaded on first access (PEP 562); kept out of __all__ so `from smsd import *` stays light.
 _LAZY_SUBMODULES = frozenset({
     "audit", "bench", "data", "experiments", "federation", "models", "nn", "protocol",
-    "recipe", "testing",
+    "recipe", "sealing", "testing",
 })
 
 if TYPE_CHECKING:  # let type checkers and IDEs see the lazy subpackages
@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the lazy subpackages
     from . import nn as nn
     from . import protocol as protocol
     from . import recipe as recipe
+    from . import sealing as sealing
     from . import testing as testing
 
 

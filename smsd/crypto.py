@@ -14,7 +14,6 @@ import hmac
 import json
 import os
 import secrets
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from .checks import positive_int
 from .errors import KeyFileError
 from .io import atomic_write_bytes
+from .secret_files import read_secret_file
 
 __all__ = ["PermutationKey", "invert"]
 
@@ -115,27 +115,12 @@ class PermutationKey:
         Refuses files that other users can read or write (``chmod 600 FILE``).
         """
         path = Path(path)
+        raw = read_secret_file(path, "key file", error=KeyFileError,
+                               max_bytes=_MAX_KEY_FILE_BYTES)
         try:
-            info = path.stat()
-        except FileNotFoundError:
-            raise KeyFileError(f"key file {path} does not exist") from None
-        except OSError as exc:
-            raise KeyFileError(f"key file {path} cannot be read: {exc.strerror}") from None
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
-        if os.name == "posix" and info.st_mode & 0o077:
-            raise KeyFileError(
-                f"key file {path} is accessible by other users "
-                f"(mode {stat.S_IMODE(info.st_mode):o}); run: chmod 600 {path}"
-            )
-        if info.st_size > _MAX_KEY_FILE_BYTES:
-            raise KeyFileError(f"key file {path} is {info.st_size} bytes, not a key file")
-        try:
-            payload = json.loads(path.read_bytes().decode("ascii"))
+            payload = json.loads(raw.decode("ascii"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise KeyFileError(f"key file {path} is not a smsd key file (not JSON)") from None
-        except OSError as exc:
-            raise KeyFileError(f"key file {path} cannot be read: {exc.strerror}") from None
         if not isinstance(payload, dict) or payload.get("format") != KEY_FORMAT:
             raise KeyFileError(f"key file {path} is not a smsd key file (format field)")
         if payload.get("version") != KEY_VERSION:

@@ -24,6 +24,8 @@ EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
               "smsd audit (assignment and graph matching, the prior's covariance, ε)"),
     "flower": (("flwr",), "the Flower app and smsd simulate --engine flower"),
     "dali": (("nvidia.dali",), "NVIDIA DALI image pipelines (--loader dali)"),
+    "attestation": (("nv_attestation_sdk",),
+                    "--require-attestation (NVIDIA's attestation SDK)"),
 }
 
 

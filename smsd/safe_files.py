@@ -36,6 +36,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "INT_DTYPES",
     "MAX_HEADER_BYTES",
+    "MemoryFile",
     "SafeFileError",
     "SafetensorsHeader",
     "TensorSpec",
@@ -87,6 +88,7 @@ class SafetensorsHeader:
     tensors: dict[str, TensorSpec]
     data_start: int
     file_size: int
+    buffer: bytearray | None = None  # the file's bytes, for a file held in memory
 
     def fail(self, problem: str) -> SmsdError:
         """The caller's error class with a message that names the file."""
@@ -163,20 +165,30 @@ def _check_tiling(specs: Iterable[TensorSpec], data_size: int, fail) -> None:
                    f"of a {data_size}-byte data section")
 
 
+@dataclass(frozen=True)
+class MemoryFile:
+    """A file's bytes held in memory under its name (an unsealed file, which must
+    never be written to disk in the clear); read like the file itself."""
+
+    path: Path
+    data: bytearray
+
+
 def read_header(
-    path: str | os.PathLike, what: str, *, error: type[SmsdError] = SafeFileError,
+    path: str | os.PathLike | MemoryFile, what: str, *, error: type[SmsdError] = SafeFileError,
     dtypes: Collection[str] = FLOAT_DTYPES, max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> SafetensorsHeader:
     """Parse and check the header of a safetensors file; reads no tensor data.
 
     Args:
-        path: the file.
+        path: the file, or a :class:`MemoryFile`.
         what: what the file is, for messages (``"shard"``, ``"body file"``...).
         error: the :class:`SmsdError` subclass to raise.
         dtypes: safetensors dtype names allowed (``"F16"``, ``"F32"``...).
         max_header_bytes: a larger declared header is refused unread.
     """
-    path = Path(path)
+    memory = path if isinstance(path, MemoryFile) else None
+    path = memory.path if memory is not None else Path(path)
 
     def fail(problem: str) -> SmsdError:
         return error(f"{what} {path} {problem}")
@@ -184,6 +196,16 @@ def read_header(
     unknown = set(dtypes) - set(_DTYPES)
     if unknown:
         raise ValueError(f"dtypes holds names this reader does not know: {sorted(unknown)}")
+    if memory is not None:
+        file_size, data = len(memory.data), memory.data
+        size = int.from_bytes(data[:8], "little") if file_size >= 8 else 0
+        if file_size < 8:
+            raise fail("is truncated (no safetensors header)")
+        if size > max_header_bytes or size > file_size - 8:
+            raise fail(f"is not a safetensors file or is truncated (declares a {size}-byte "
+                       f"header in a {file_size}-byte file; limit {max_header_bytes})")
+        return _finish_header(path, what, error, bytes(data[8:8 + size]), size, file_size,
+                              dtypes, fail, data)
     try:
         with open(path, "rb") as handle:
             file_size = os.fstat(handle.fileno()).st_size
@@ -204,18 +226,29 @@ def read_header(
         raise fail(f"cannot be read: {exc.strerror or exc}") from None
     if len(raw) != size:
         raise fail("is truncated (header cut short)")
+    return _finish_header(path, what, error, raw, size, file_size, dtypes, fail, None)
+
+
+def _finish_header(path: Path, what: str, error: type[SmsdError], raw: bytes, size: int,
+                   file_size: int, dtypes: Collection[str], fail,
+                   buffer: bytearray | None) -> SafetensorsHeader:
     header = _parse_json(raw, fail)
     metadata = _parse_metadata(header, fail)
     specs = {name: _parse_spec(name, entry, dtypes, fail) for name, entry in header.items()}
     data_start = 8 + size
     _check_tiling(specs.values(), file_size - data_start, fail)
-    return SafetensorsHeader(path, what, error, metadata, specs, data_start, file_size)
+    return SafetensorsHeader(path, what, error, metadata, specs, data_start, file_size, buffer)
 
 
 def read_tensors(header: SafetensorsHeader, *, finite: bool = True) -> dict[str, torch.Tensor]:
     """Read the tensors a checked header declares; float tensors must be finite
     unless ``finite=False``."""
     out: dict[str, torch.Tensor] = {}
+    if header.buffer is not None:  # in memory: the tensors are views of its bytes
+        view = memoryview(header.buffer)[header.data_start:]
+        out = {s.name: _from_bytes(view[s.begin:s.end], s, header)
+               for s in header.tensors.values()}
+        return _checked(header, out, finite)
     try:
         with open(header.path, "rb") as handle:
             if os.fstat(handle.fileno()).st_size != header.file_size:
@@ -224,6 +257,11 @@ def read_tensors(header: SafetensorsHeader, *, finite: bool = True) -> dict[str,
                 out[spec.name] = _read_one(handle, header, spec)
     except OSError as exc:
         raise header.fail(f"cannot be read: {exc.strerror or exc}") from None
+    return _checked(header, out, finite)
+
+
+def _checked(header: SafetensorsHeader, out: dict[str, torch.Tensor],
+             finite: bool) -> dict[str, torch.Tensor]:
     if finite:
         for name, tensor in out.items():
             bad = count_non_finite(tensor)
@@ -259,14 +297,22 @@ def count_non_finite(tensor: torch.Tensor) -> int:
 
 
 def _read_one(handle, header: SafetensorsHeader, spec: TensorSpec) -> torch.Tensor:
-    dtype = _DTYPES[spec.dtype]
     n_bytes = spec.end - spec.begin
     if n_bytes == 0:
-        return torch.empty(spec.shape, dtype=dtype)
+        return _from_bytes(bytearray(), spec, header)
     handle.seek(header.data_start + spec.begin)
     buffer = bytearray(n_bytes)  # bounded by the file's real size (checked tiling)
     if handle.readinto(buffer) != n_bytes:
         raise header.fail("changed while it was being read (short read)")
+    return _from_bytes(buffer, spec, header)
+
+
+def _from_bytes(buffer, spec: TensorSpec, header: SafetensorsHeader) -> torch.Tensor:
+    dtype = _DTYPES[spec.dtype]
+    if spec.end == spec.begin:
+        return torch.empty(spec.shape, dtype=dtype)
+    if header.buffer is not None and (header.data_start + spec.begin) % dtype.itemsize:
+        buffer = bytearray(buffer)  # a misaligned tensor in memory: give it aligned bytes
     if dtype == torch.bool:
         # A bool byte other than 0/1 is undefined behaviour in torch: refuse it.
         raw = torch.frombuffer(buffer, dtype=torch.uint8)
@@ -278,7 +324,7 @@ def _read_one(handle, header: SafetensorsHeader, spec: TensorSpec) -> torch.Tens
 
 
 def read_safetensors(
-    path: str | os.PathLike, what: str, *, error: type[SmsdError] = SafeFileError,
+    path: str | os.PathLike | MemoryFile, what: str, *, error: type[SmsdError] = SafeFileError,
     dtypes: Collection[str] = FLOAT_DTYPES, finite: bool = True,
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a safetensors file, checked as the module says."""

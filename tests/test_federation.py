@@ -289,3 +289,59 @@ def test_cli_simulate_takes_an_engine():
     assert parser.parse_args(["simulate", "--engine", "flower"]).engine == "flower"
     with pytest.raises(SystemExit):
         parser.parse_args(["simulate", "--engine", "grpc"])
+
+
+def test_sealed_shards_and_bodies_through_the_flower_app(tmp_path, task_identity):
+    """Sites seal their shards to the server's key and get the body sealed to their own:
+    nothing that crosses the wire holds a clear shard or body."""
+    from smsd.crypto import PermutationKey
+    from smsd.federation.client_app import make_client_app
+    from smsd.federation.server_app import run_protocol
+    from smsd.sealing import generate_recipient
+    from smsd.sealing.stream import MAGIC
+
+    server_pub, server_key = generate_recipient(tmp_path / "server")
+    configs = {}
+    for node in (11, 22):
+        PermutationKey.generate().save(tmp_path / f"site{node}.key")
+        _, site_key = generate_recipient(tmp_path / f"recipient{node}")
+        data = _image_folder(tmp_path / f"site{node}", seed=node)
+        configs[node] = {"train-dir": str(data), "test-dir": str(data),
+                         "key-file": str(tmp_path / f"site{node}.key"),
+                         "server-public-key": str(server_pub),
+                         "recipient-key-file": str(site_key)}
+    recipe = Recipe().quick()
+    recipe = replace(recipe, pretrain=replace(recipe.pretrain, batch_size=8))
+    seen = []
+    result = run_protocol(InProcessGrid(make_client_app(), configs),
+                          FederationConfig(recipe=recipe, split=DataSplit(clients=2),
+                                           chunk_bytes=CHUNK, wait_s=5,
+                                           server_key_file=str(server_key)),
+                          observe=lambda way, msg: seen.append((way, msg)))
+    assert [(n.node_id, n.uploads, n.downloads) for n in result.nodes] == [(11, 1, 1),
+                                                                          (22, 1, 1)]
+    assert all(0.0 <= n.metrics["test_accuracy"] <= 1.0 for n in result.nodes)
+    files = []
+    for way, message in seen:
+        name = "shard" if way == "up" else "body"
+        if name in message.content:
+            files.append(b"".join(a.data for a in message.content[name].values()))
+    assert len(files) == 4 and all(f.startswith(MAGIC) for f in files)
+    for f in files:  # past the public header, only ciphertext: no safetensors header
+        data_start = len(MAGIC) + 4 + int.from_bytes(f[len(MAGIC):len(MAGIC) + 4], "little")
+        assert b"__metadata__" not in f[data_start:] and b"data_offsets" not in f[data_start:]
+
+
+def test_a_site_without_the_server_key_cannot_be_opened_by_the_server(tmp_path, task_identity):
+    from smsd.federation.client_app import make_client_app
+    from smsd.federation.server_app import run_protocol
+    from smsd.sealing import generate_recipient
+
+    server_pub, _ = generate_recipient(tmp_path / "server")
+    _, other_key = generate_recipient(tmp_path / "other")
+    data = _image_folder(tmp_path / "site", seed=1)
+    configs = {1: {"train-dir": str(data), "server-public-key": str(server_pub)}}
+    with pytest.raises(Exception, match="is not sealed to private key 'other'"):
+        run_protocol(InProcessGrid(make_client_app(), configs),
+                     FederationConfig(recipe=Recipe().quick(), split=DataSplit(clients=1),
+                                      wait_s=5, server_key_file=str(other_key)))

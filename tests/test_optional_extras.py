@@ -8,6 +8,7 @@ imported (``sys.modules[name] = None``, which both ``import`` and ``find_spec`` 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -119,6 +120,8 @@ def test_backends_lists_the_missing_extras(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[1]: line for line in proc.stdout.splitlines()
             if line.startswith("extra ")}
-    assert set(rows) == {"data", "dicom", "audit", "flower", "dali"}
+    assert set(rows) == {"data", "dicom", "audit", "flower", "dali", "attestation"}
+    sdk = importlib.util.find_spec("nv_attestation_sdk") is not None
+    assert rows["attestation"].split()[2] == ("yes" if sdk else "no")
     assert rows["flower"].split()[2] == "no" and "missing: flwr" in rows["flower"]
     assert rows["audit"].split()[2] == "no" and "missing: scipy" in rows["audit"]

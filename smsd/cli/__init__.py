@@ -16,6 +16,7 @@ from ..errors import SmsdError
 from .audit import add_audit
 from .ops import add_backends, add_bench, add_check, add_keygen
 from .protocol import add_encode, add_evaluate, add_finetune, add_pretrain
+from .sealing import add_seal
 from .simulate import add_simulate
 
 __all__ = ["build_parser", "main"]
@@ -25,7 +26,7 @@ log = logging.getLogger("smsd")
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_backends, add_check, add_bench, add_keygen,
-    add_encode, add_pretrain, add_finetune, add_evaluate,
+    add_encode, add_pretrain, add_finetune, add_evaluate, add_seal,
     add_simulate, add_audit,
 ]
 

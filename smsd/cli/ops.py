@@ -113,8 +113,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- keygen
 def add_keygen(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("keygen", help="create a client's secret permutation key (mode 0600)")
-    p.add_argument("--out", required=True, help="key file to create")
+    p = sub.add_parser("keygen", help="create a client's secret permutation key, or with "
+                       "--recipient a key pair files are sealed to (secret files mode 0600)")
+    p.add_argument("--out", required=True,
+                   help="key file to create; with --recipient the prefix of OUT.pub and OUT.key")
+    p.add_argument("--recipient", action="store_true",
+                   help="a recipient key pair (X25519): OUT.pub to hand out, OUT.key to keep")
     p.add_argument("--force", action="store_true", help="replace an existing key file")
     p.set_defaults(func=_cmd_keygen)
 
@@ -122,6 +126,16 @@ def add_keygen(sub: argparse._SubParsersAction) -> None:
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from ..crypto import PermutationKey
 
+    if args.recipient:
+        from ..sealing.keys import generate_recipient
+
+        try:
+            public, private = generate_recipient(args.out, overwrite=args.force)
+        except FileExistsError as exc:
+            raise SmsdError(f"{exc}; pass --force to replace that key pair") from None
+        print(f"wrote {public} (give it to whoever seals to you) and {private} (secret, "
+              "mode 0600)")
+        return 0
     key = PermutationKey.generate()
     try:
         key.save(args.out, overwrite=args.force)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import add_loader_arg, add_model_args, folder_loader, model_config
+from .sealing import add_seal_to_args, add_unseal_key_arg, recipients, unseal_key
 
 __all__ = ["add_encode", "add_evaluate", "add_finetune", "add_pretrain"]
 
@@ -20,6 +21,7 @@ def add_encode(sub: argparse._SubParsersAction) -> None:
     add_loader_arg(p)
     p.add_argument("--noise-std", type=float, default=0.0,
                    help="Gaussian noise on the uploaded tokens (privacy mitigation; smsd audit)")
+    add_seal_to_args(p, "the server (its .pub)", attestation=True)
     p.set_defaults(func=_cmd_encode)
 
 
@@ -28,13 +30,16 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from ..protocol.client import Client
 
     key = PermutationKey.load(args.key)  # before reading data: fail fast on a bad key
+    seal_to = recipients(args)
     config = model_config(args)
     # The loader's ids are the file paths relative to --data: they pick each image's
     # permutation and stay here, not in the shard.
     loader = folder_loader(args, config, mode="encode")
-    path = Client(config, key, noise_std=args.noise_std).encode(loader, args.out)
+    path = Client(config, key, noise_std=args.noise_std).encode(loader, args.out,
+                                                                seal_to=seal_to)
+    sealed = f", sealed to {', '.join(k.name for k in seal_to)}" if seal_to else ", UNSEALED"
     print(f"wrote {path}: {loader.num_samples} images × {config.n_tokens} tokens × "
-          f"{config.embed_dim} ({loader.name} loader)")
+          f"{config.embed_dim} ({loader.name} loader{sealed})")
     return 0
 
 
@@ -73,6 +78,9 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): a resumed run matches "
                    "an uninterrupted one")
+    add_unseal_key_arg(p, "the server's")
+    add_seal_to_args(p, "the clients (their .pub files): each can open the body",
+                     attestation=False)
     add_model_args(p)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -92,7 +100,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                          checkpoint_every_steps=args.checkpoint_every_steps,
                          deterministic=args.deterministic)
     work = args.work_dir or f"{args.out}.work"
-    server = Server(model_config(args), train, options=options)
+    server = Server(model_config(args), train, options=options, unseal_key=unseal_key(args),
+                    seal_body_to=recipients(args))
     # Under torchrun (WORLD_SIZE > 1) this process is one rank of a data-parallel job.
     with process_group_from_env(args.device) as ranks:
         server.pretrain(args.shards, out=args.out, work_dir=work, resume=args.resume,
@@ -122,6 +131,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--body-lr-scale", type=float, default=PRETRAINED_BODY_LR_SCALE,
                    help="the pre-trained body's LR is lr × this (the new tail uses lr)")
     p.add_argument("--seed", type=int, default=d.seed)
+    add_unseal_key_arg(p, "this client's")
     add_loader_arg(p)
     p.set_defaults(func=_cmd_finetune)
 
@@ -132,7 +142,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..protocol.client import Client
     from ..protocol.training import FinetuneConfig
 
-    body, config, fingerprint = load_body(args.body)
+    body, config, fingerprint = load_body(args.body, key=unseal_key(args))
     client = Client.for_trained(config, fingerprint, args.body)
     loader = folder_loader(args, config)
     classes = list(loader.source.classes)

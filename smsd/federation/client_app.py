@@ -12,6 +12,11 @@ Where the data and the key come from (``flower-supernode --node-config``):
 * ``train-dir`` (images to encode), ``labeled-dir`` (default ``train-dir``) and an
   optional ``test-dir``, each ``ROOT/<class>/<image>``; ``key-file`` from
   ``smsd keygen``. Without ``key-file`` a fresh key is generated for the one encode.
+* Sealing (:mod:`smsd.sealing`): ``server-public-key`` (the server's ``.pub``, obtained
+  out of band or attested) seals the shard to the server; ``recipient-key-file`` (this
+  site's ``.key`` from ``smsd keygen --recipient``) sends its public half with the shard,
+  so the server seals the body to this site, and opens it. Without them the transfer
+  is in the clear, and the node logs so.
 * In Flower's simulation engine: the virtual node's ``partition-id`` picks its part of
   the split the server describes (the bundled data set, as ``smsd simulate`` does).
 
@@ -21,6 +26,7 @@ node's context (fine-tuning works on tokens in patch order and needs no key).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,6 +42,8 @@ from ..protocol.training import FinetuneConfig
 from .transfer import pack_file, unpack_file
 
 __all__ = ["LocalData", "app", "make_client_app"]
+
+log = logging.getLogger("smsd.federation")
 
 
 @dataclass
@@ -108,16 +116,42 @@ def _encode(message, context, derived_keys: bool):
     chunk_bytes = int(message.content["transfer"]["chunk-bytes"])
     data = local_data(context.node_config, split, model)
     key = _site_key(context.node_config, split, derived_keys)
+    seal_to, recipient = _sealing(context.node_config)
     with tempfile.TemporaryDirectory(prefix="smsd-node-") as tmp:
         path = Client(model, key).encode(data.train_images, Path(tmp) / "shard.safetensors",
-                                         image_ids=data.image_ids)
+                                         image_ids=data.image_ids, seal_to=seal_to)
         del key
         shard = path.read_bytes()
     chunks, meta = pack_file(shard, SHARD_FORMAT, chunk_bytes)
     pid = _partition_id(context.node_config)
-    site = ConfigRecord({} if pid is None else {"partition-id": pid})
+    site: dict = {} if pid is None else {"partition-id": pid}
+    if recipient is not None:  # the public half: the server seals the body to it
+        public = recipient.public_key()
+        site |= {"recipient-name": public.name, "recipient-public-key": public.raw.hex()}
+    site = ConfigRecord(site)
     return Message(RecordDict({"shard": chunks, "shard.meta": meta, "site": site}),
                    reply_to=message)
+
+
+def _recipient_key(node_config):
+    """This site's private recipient key (node config ``recipient-key-file``), or None."""
+    from ..sealing.keys import RecipientPrivateKey
+
+    if "recipient-key-file" not in node_config:
+        return None
+    return RecipientPrivateKey.load(str(node_config["recipient-key-file"]))
+
+
+def _sealing(node_config):
+    """``(server public keys to seal the shard to, this site's recipient key or None)``."""
+    from ..sealing.keys import RecipientPublicKey
+
+    seal_to = ([RecipientPublicKey.load(str(node_config["server-public-key"]))]
+               if "server-public-key" in node_config else [])
+    if not seal_to:
+        log.warning("this SuperNode uploads its shard UNSEALED (no server-public-key in its "
+                    "node config): whoever runs or stores the SuperLink can read it")
+    return seal_to, _recipient_key(node_config)
 
 
 def _finetune(message, context):
@@ -132,8 +166,8 @@ def _finetune(message, context):
     finetune = FinetuneConfig(**{f.name: ft_record[f.name] for f in fields(FinetuneConfig)})
     with tempfile.TemporaryDirectory(prefix="smsd-node-") as tmp:
         path = Path(tmp) / "body.safetensors"
-        path.write_bytes(body_bytes)
-        body, model, fingerprint = load_body(path)
+        path.write_bytes(body_bytes)  # sealed to this site, or the clear body
+        body, model, fingerprint = load_body(path, key=_recipient_key(context.node_config))
     client = Client(model, None)
     if fingerprint != client.fingerprint:
         raise SmsdError("the body was trained on tokens of another head than this model "

@@ -33,12 +33,24 @@ class FederationConfig:
         chunk_bytes: largest piece a shard or body is split into (see ``transfer``).
         wait_s: how long the server waits for ``clients`` SuperNodes to connect, and for
             each round of replies.
+        server_key_file: the server's private recipient key (``smsd keygen
+            --recipient``), to open shards the SuperNodes sealed to it; a path on the
+            machine that runs the ServerApp (the key itself never enters a message).
     """
 
     recipe: Recipe = field(default_factory=Recipe)
     split: DataSplit = field(default_factory=DataSplit)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     wait_s: float = 3600.0
+    server_key_file: str | None = None
+
+    def server_key(self):
+        """The loaded :attr:`server_key_file` (checked: mode 0600, well-formed), or None."""
+        if self.server_key_file is None:
+            return None
+        from ..sealing.keys import RecipientPrivateKey
+
+        return RecipientPrivateKey.load(self.server_key_file)
 
     def __post_init__(self) -> None:
         positive_int("chunk_bytes", self.chunk_bytes)
@@ -49,7 +61,7 @@ class FederationConfig:
     def from_run_config(cls, run_config: Mapping[str, object]) -> FederationConfig:
         """Build from a Flower run config; unknown keys are an error (typos)."""
         known = {*_SPLIT_KEYS, "pretrain-epochs", "finetune-epochs", "quick", "chunk-bytes",
-                 "wait-s"}
+                 "wait-s", "server-key-file"}
         unknown = sorted(set(run_config) - known)
         if unknown:
             raise ValueError(f"run config has unknown keys {unknown}; known: {sorted(known)}")
@@ -67,7 +79,8 @@ class FederationConfig:
             recipe = recipe.quick()
         return cls(recipe=recipe, split=split,
                    chunk_bytes=_typed(run_config, "chunk-bytes", int, DEFAULT_CHUNK_BYTES),
-                   wait_s=_typed(run_config, "wait-s", float, 3600.0))
+                   wait_s=_typed(run_config, "wait-s", float, 3600.0),
+                   server_key_file=_typed(run_config, "server-key-file", str))
 
 
 def _typed(config: Mapping[str, object], key: str, kind: type, default=None):

@@ -113,6 +113,7 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
     from flwr.app import ConfigRecord, Message, RecordDict
 
     recipe = config.recipe
+    server_key = config.server_key()  # a bad key file fails before any node works
     nodes = _wait_for_nodes(grid, config.split.clients, config.wait_s)
     reports = {n: NodeReport(node_id=n) for n in nodes}
     split = ConfigRecord(config.split.to_record())
@@ -126,7 +127,7 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
 
     with tempfile.TemporaryDirectory(prefix="smsd-superlink-") as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
-        shard_paths = []
+        shard_paths, recipients = [], {}
         for node in nodes:
             content = replies[node].content
             data = unpack_file(content.get("shard"), content.get("shard.meta"), SHARD_FORMAT,
@@ -140,38 +141,68 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
             site = content.get("site")
             if site is not None and "partition-id" in site:
                 report.partition_id = int(site["partition-id"])
+            recipients[node] = _recipient(site, node)
             log.info("upload   node %d: shard %d B in %d chunk(s), message %d B", node,
                      len(data), int(content["shard.meta"]["chunks"]), report.bytes_up)
 
         started = time.perf_counter()
         # One checkpoint, at the end (the SuperLink's work folder is temporary).
         server = Server(recipe.model, recipe.pretrain,
-                        options=RunOptions(checkpoint_every=recipe.pretrain.epochs))
+                        options=RunOptions(checkpoint_every=recipe.pretrain.epochs),
+                        unseal_key=server_key)
         body_path = work / "body.safetensors"
         server.pretrain(shard_paths, out=body_path, work_dir=work / "server",
                         progress=progress)
         pretrain_seconds = time.perf_counter() - started
-        body = body_path.read_bytes()
+        bodies = {n: _body_for(body_path, recipients[n], work / f"body-node{n}.sealed")
+                  for n in nodes}
 
-    chunks, meta = pack_file(body, BODY_FORMAT, config.chunk_bytes)
     # The clients fine-tune a pre-trained body: the SMSD recipe of `smsd simulate`.
     finetune = ConfigRecord(asdict(recipe.smsd_finetune))
-    train = {n: Message(RecordDict({"body": chunks, "body.meta": meta, "finetune": finetune,
-                                    "split": split}),
+    packed = {n: pack_file(bodies[n], BODY_FORMAT, config.chunk_bytes) for n in nodes}
+    train = {n: Message(RecordDict({"body": packed[n][0], "body.meta": packed[n][1],
+                                    "finetune": finetune, "split": split}),
                         dst_node_id=n, message_type="train") for n in nodes}
     before = {n: reports[n].bytes_down for n in nodes}
     replies = _exchange(grid, train, reports, "fine-tune", config.wait_s, observe)
     for node in nodes:
         report = reports[node]
         report.downloads += 1
-        report.body_bytes = len(body)
+        report.body_bytes = len(bodies[node])
         report.metrics = dict(replies[node].content["metrics"])
         log.info("download node %d: body %d B in %d chunk(s), message %d B; metrics %s",
-                 node, len(body), int(meta["chunks"]), report.bytes_down - before[node],
+                 node, len(bodies[node]), int(packed[node][1]["chunks"]),
+                 report.bytes_down - before[node],
                  {k: round(v, 4) if isinstance(v, float) else v
                   for k, v in report.metrics.items()})
     ordered = sorted(reports.values(), key=lambda r: (r.partition_id or 0, r.node_id))
     return FederationResult(ordered, pretrain_seconds)
+
+
+def _recipient(site, node: int):
+    """The public key a node sent for its body, or None (then its body goes unsealed)."""
+    from ..sealing.keys import RecipientPublicKey
+
+    if site is None or "recipient-public-key" not in site:
+        log.warning("SuperNode %d sent no recipient key: its body goes UNSEALED", node)
+        return None
+    try:
+        return RecipientPublicKey(bytes.fromhex(str(site["recipient-public-key"])),
+                                  str(site.get("recipient-name", f"node{node}")))
+    except ValueError as exc:
+        raise FederationError(f"SuperNode {node} sent a malformed recipient key: {exc}") from None
+
+
+def _body_for(body_path: Path, recipient, sealed_path: Path) -> bytes:
+    """The body's bytes for one node: sealed to its key when it sent one."""
+    if recipient is None:
+        return body_path.read_bytes()
+    from ..safe_files import read_header
+    from ..sealing.files import seal_file
+
+    seal_file(body_path, sealed_path, [recipient],
+              read_header=lambda p: read_header(p, "body file"))
+    return sealed_path.read_bytes()
 
 
 def format_report(result: FederationResult) -> str:

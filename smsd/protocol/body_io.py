@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -13,6 +13,8 @@ from .. import safe_files
 from ..errors import SmsdError
 from ..io import write_with
 from ..models import ViTBody, ViTConfig
+from ..sealing.files import check_public, open_maybe_sealed, seal_tensors
+from ..sealing.keys import RecipientPrivateKey, RecipientPublicKey
 
 __all__ = ["BODY_FORMAT", "BodyFileError", "load_body", "read_safetensors", "save_body"]
 
@@ -26,8 +28,10 @@ class BodyFileError(SmsdError, ValueError):
     """A body file is missing, malformed, or does not match the model."""
 
 
-def save_body(path: str | os.PathLike, body: ViTBody, *, head_fingerprint: str) -> Path:
-    """Write ``body``'s weights and model config atomically."""
+def save_body(path: str | os.PathLike, body: ViTBody, *, head_fingerprint: str,
+              seal_to: Sequence[RecipientPublicKey] = ()) -> Path:
+    """Write ``body``'s weights and model config atomically; with ``seal_to``, sealed
+    to those recipients (each client that may open it), never in the clear."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
@@ -35,6 +39,8 @@ def save_body(path: str | os.PathLike, body: ViTBody, *, head_fingerprint: str) 
     metadata = {"format": BODY_FORMAT, "version": FILE_VERSION,
                 "model_config": body.config.to_json(), "head_fingerprint": head_fingerprint}
     path = Path(path)
+    if seal_to:
+        return seal_tensors(path, state, metadata, seal_to)
     write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return path
 
@@ -52,27 +58,34 @@ def read_safetensors(
 
 
 def read_model_file(
-    path: Path, what: str, *, format: str, fields: frozenset[str], kind: str, hint: str = ""
+    path: Path, what: str, *, format: str, fields: frozenset[str], kind: str, hint: str = "",
+    key: RecipientPrivateKey | None = None,
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Read a body or classifier file: header, metadata fields, format version and
-    head fingerprint are checked before the tensors are read."""
+    head fingerprint are checked before the tensors are read. A sealed file needs the
+    private ``key`` it was sealed to."""
+    source, public = open_maybe_sealed(path, key, what=what, error=BodyFileError,
+                                       content=format)
     # save_body and save_classifier write fp32 only; any other dtype is not ours.
-    header = safe_files.read_header(path, what, error=BodyFileError, dtypes={"F32"})
+    header = safe_files.read_header(source, what, error=BodyFileError, dtypes={"F32"})
+    if public is not None:
+        check_public(header, public)
     meta = safe_files.check_metadata(header, format=format, version=FILE_VERSION,
                                      fields=fields, kind=kind, hint=hint)
     safe_files.check_fingerprint(header, meta["head_fingerprint"])
     return meta, safe_files.read_tensors(header)
 
 
-def load_body(path: str | os.PathLike,
-              config: ViTConfig | None = None) -> tuple[ViTBody, ViTConfig, str]:
+def load_body(path: str | os.PathLike, config: ViTConfig | None = None, *,
+              key: RecipientPrivateKey | None = None) -> tuple[ViTBody, ViTConfig, str]:
     """Read a body file → ``(body, model config, head fingerprint)``.
 
-    With ``config`` given, the file must have been trained for that same config.
+    With ``config`` given, the file must have been trained for that same config. A
+    sealed body needs this client's private ``key``.
     """
     path = Path(path)
     meta, state = read_model_file(path, "body file", format=BODY_FORMAT, fields=_BODY_FIELDS,
-                                  kind="smsd body file")
+                                  kind="smsd body file", key=key)
     try:
         stored = ViTConfig.from_json(meta["model_config"])
     except (ValueError, TypeError) as exc:

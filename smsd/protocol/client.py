@@ -14,6 +14,7 @@ from ..data import Batch
 from ..errors import SmsdError
 from ..models import PatchHead, ViTBody, ViTConfig, head_fingerprint
 from ..ops import masked_sample
+from ..sealing.keys import RecipientPublicKey
 from .shard import write_shard
 from .training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
 
@@ -94,11 +95,14 @@ class Client:
 
     @torch.no_grad()
     def encode(self, images: Images, out: str | os.PathLike,
-               image_ids: Sequence[ImageId] | None = None) -> Path:
+               image_ids: Sequence[ImageId] | None = None, *,
+               seal_to: Sequence[RecipientPublicKey] = ()) -> Path:
         """Embed, permute each image's tokens with the key, and write a shard to ``out``.
 
         ``image_ids`` (default ``0..n-1``; for a loader, its source's ids) select each
         image's permutation; they stay on the client, the shard does not hold them.
+        ``seal_to``: seal the shard to these recipients (the server's public key), so
+        that only the training job can read it (:mod:`smsd.sealing`).
         """
         if self.key is None:
             raise ValueError("encode needs the client's permutation key (key=None was given)")
@@ -119,7 +123,8 @@ class Client:
         permuted = masked_sample(tokens, keep_all, perm)  # out[b, j] = tokens[b, perm[b, j]]
         if self.noise_std > 0:
             permuted = add_token_noise(permuted, self.noise_std, self.noise_seed)
-        return write_shard(out, permuted, head_fingerprint=self.fingerprint, grid=self.config.grid)
+        return write_shard(out, permuted, head_fingerprint=self.fingerprint,
+                           grid=self.config.grid, seal_to=seal_to)
 
     @classmethod
     def for_trained(cls, config: ViTConfig, head_fingerprint: str, source: str) -> Client:

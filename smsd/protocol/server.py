@@ -25,6 +25,7 @@ import torch
 from ..io import atomic_write_bytes
 from ..models import PatchHead, ViTBody, ViTConfig, head_fingerprint
 from ..ops import sample_views
+from ..sealing.keys import RecipientPrivateKey, RecipientPublicKey
 from .body_io import save_body
 from .distill import DistillStep, StepSchedule, koleo_loss
 from .distributed import Ranks, barrier, current_ranks, mean_across_ranks, rank_device
@@ -53,14 +54,21 @@ class Server:
         head_fingerprint: the fingerprint every shard must carry (default: that of the
             seeded head of ``model_config``).
         options: :class:`RunOptions` (device, checkpoints, determinism).
+        unseal_key: the server's private key, to open shards sealed to it.
+        seal_body_to: seal the returned body to these clients' public keys (each of
+            them, and nobody else, can open it); empty: the body is written in the clear.
     """
 
     def __init__(self, model_config: ViTConfig, train_config: PretrainConfig | None = None,
                  head_fingerprint: str | None = None,
-                 options: RunOptions | None = None) -> None:
+                 options: RunOptions | None = None, *,
+                 unseal_key: RecipientPrivateKey | None = None,
+                 seal_body_to: Sequence[RecipientPublicKey] = ()) -> None:
         self.config = model_config
         self.train_config = train_config or PretrainConfig()
         self.options = options or RunOptions()
+        self.unseal_key = unseal_key
+        self.seal_body_to = tuple(seal_body_to)
         self.head_fingerprint = head_fingerprint or _seeded_head_fingerprint(model_config)
         self.history: list[dict] = []
 
@@ -74,7 +82,8 @@ class Server:
                       embed_dim=self.config.embed_dim)
         for path in shard_paths:
             inspect_shard(path, **expect)
-        return torch.cat([read_shard(path, **expect) for path in shard_paths])
+        return torch.cat([read_shard(path, **expect, key=self.unseal_key)
+                          for path in shard_paths])
 
     # -------------------------------------------------------------- training
     def pretrain(self, shard_paths: Sequence[str | os.PathLike], *,
@@ -220,7 +229,8 @@ class Server:
         bar.close()
         body = run.teacher.body.cpu().eval()
         if out is not None and ranks.is_main:
-            save_body(out, body, head_fingerprint=self.head_fingerprint)
+            save_body(out, body, head_fingerprint=self.head_fingerprint,
+                      seal_to=self.seal_body_to)
         barrier()  # every rank returns once the body file exists
         return body
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,17 @@ from ..errors import SmsdError
 from ..io import write_with
 from ..safe_files import (
     FLOAT_DTYPES,
+    MemoryFile,
     SafetensorsHeader,
+    TensorSpec,
     check_fingerprint,
     check_metadata,
     read_header,
     read_tensors,
 )
+from ..sealing.files import check_public, open_maybe_sealed, seal_tensors
+from ..sealing.keys import RecipientPrivateKey, RecipientPublicKey
+from ..sealing.stream import SealedFileError, is_sealed, read_sealed_header
 
 __all__ = ["SHARD_FORMAT", "SHARD_VERSION", "ShardError", "ShardInfo", "read_shard", "write_shard"]
 
@@ -47,8 +53,9 @@ class ShardInfo:
 
 
 def write_shard(path: str | os.PathLike, tokens: torch.Tensor, *, head_fingerprint: str,
-                grid: int) -> Path:
-    """Write ``tokens`` ``[n, grid*grid, D]`` as an fp16 shard, atomically."""
+                grid: int, seal_to: Sequence[RecipientPublicKey] = ()) -> Path:
+    """Write ``tokens`` ``[n, grid*grid, D]`` as an fp16 shard, atomically; with
+    ``seal_to``, sealed to those recipients (:mod:`smsd.sealing`), never in the clear."""
     from safetensors.torch import save_file
 
     if tokens.dim() != 3 or tokens.shape[1] != grid * grid or tokens.shape[0] < 1:
@@ -63,6 +70,8 @@ def write_shard(path: str | os.PathLike, tokens: torch.Tensor, *, head_fingerpri
         "embed_dim": str(tokens.shape[2]), "dtype": "float16", "count": str(tokens.shape[0]),
     }
     path = Path(path)
+    if seal_to:
+        return seal_tensors(path, {"tokens": tokens}, metadata, seal_to)
     write_with(path, lambda tmp: save_file({"tokens": tokens}, str(tmp), metadata=metadata))
     return path
 
@@ -99,20 +108,49 @@ def _check(header: SafetensorsHeader, head_fingerprint: str | None, grid: int | 
     return ShardInfo(path, meta["head_fingerprint"], g, d, count)
 
 
-def _read_header(path: str | os.PathLike) -> SafetensorsHeader:
+def _read_header(path: str | os.PathLike | MemoryFile) -> SafetensorsHeader:
     # All dtypes are parsed so that a float32 shard is named as such, not as garbage.
     return read_header(path, "shard", error=ShardError, dtypes=FLOAT_DTYPES)
 
 
+def _public_header(path: Path) -> SafetensorsHeader:
+    """A sealed shard's public header, in the form of a safetensors header (no data)."""
+    try:
+        public = read_sealed_header(path).public
+    except SealedFileError as exc:
+        raise ShardError(f"sealed shard {exc.path} {exc.problem}") from None
+    try:
+        specs = {name: TensorSpec(name, t["dtype"], tuple(t["shape"]), 0, 0)
+                 for name, t in public["tensors"].items()}
+        metadata = public["metadata"]
+        if not all(isinstance(v, str) for v in metadata.values()):
+            raise TypeError
+    except (KeyError, TypeError, AttributeError):
+        raise ShardError(f"shard {path} has a malformed public header") from None
+    return SafetensorsHeader(path, "shard", ShardError, metadata, specs, 0, 0)
+
+
 def inspect_shard(path: str | os.PathLike, *, head_fingerprint: str | None = None,
                   grid: int | None = None, embed_dim: int | None = None) -> ShardInfo:
-    """Check a shard's header and metadata against the expected model (reads no tokens)."""
-    return _check(_read_header(path), head_fingerprint, grid, embed_dim)
+    """Check a shard's header and metadata against the expected model (reads no tokens;
+    for a sealed shard its public header, which :func:`read_shard` authenticates)."""
+    path = Path(path)
+    header = _public_header(path) if is_sealed(path) else _read_header(path)
+    return _check(header, head_fingerprint, grid, embed_dim)
 
 
 def read_shard(path: str | os.PathLike, *, head_fingerprint: str | None = None,
-               grid: int | None = None, embed_dim: int | None = None) -> torch.Tensor:
-    """Validate and load a shard's tokens (fp16 ``[n, N, D]``); all values must be finite."""
-    header = _read_header(path)
+               grid: int | None = None, embed_dim: int | None = None,
+               key: RecipientPrivateKey | None = None) -> torch.Tensor:
+    """Validate and load a shard's tokens (fp16 ``[n, N, D]``); all values must be finite.
+
+    A sealed shard needs the private ``key`` it was sealed to; it is verified and
+    decrypted in memory (see :mod:`smsd.sealing`).
+    """
+    source, public = open_maybe_sealed(path, key, what="shard", error=ShardError,
+                                       content=SHARD_FORMAT)
+    header = _read_header(source)
+    if public is not None:
+        check_public(header, public)
     _check(header, head_fingerprint, grid, embed_dim)
     return read_tensors(header)["tokens"]
