@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
     "dicom": (("pydicom",), "DICOM images"),
     "audit": (("scipy", "sklearn", "dp_accounting"),
               "smsd audit (assignment and graph matching, the prior's covariance, ε)"),
+    "dp": (("dp_accounting",), "differentially private pre-training's accountant (ε)"),
     "flower": (("flwr",), "the Flower app and smsd simulate --engine flower"),
     "dali": (("nvidia.dali",), "NVIDIA DALI image pipelines (--loader dali)"),
     "attestation": (("nv_attestation_sdk",),

@@ -120,7 +120,7 @@ def test_backends_lists_the_missing_extras(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[1]: line for line in proc.stdout.splitlines()
             if line.startswith("extra ")}
-    assert set(rows) == {"data", "dicom", "audit", "flower", "dali", "attestation"}
+    assert set(rows) == {"data", "dicom", "audit", "flower", "dali", "attestation", "dp"}
     sdk = importlib.util.find_spec("nv_attestation_sdk") is not None
     assert rows["attestation"].split()[2] == ("yes" if sdk else "no")
     assert rows["flower"].split()[2] == "no" and "missing: flwr" in rows["flower"]

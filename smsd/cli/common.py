@@ -6,7 +6,8 @@ import argparse
 
 from ..errors import SmsdError
 
-__all__ = ["add_loader_arg", "add_model_args", "devices", "folder_loader", "model_config"]
+__all__ = ["add_dp_args", "add_loader_arg", "add_model_args", "devices", "dp_config",
+           "folder_loader", "model_config"]
 
 
 def devices(choice: str) -> list:
@@ -59,3 +60,34 @@ def folder_loader(args: argparse.Namespace, config, mode: str = "eval"):
 
     return make_loader(ImageSource.from_folder(args.data), img_size=config.img_size,
                        in_chans=config.in_chans, mode=mode, loader=args.loader)
+
+
+def add_dp_args(p: argparse.ArgumentParser) -> None:
+    from ..protocol.privacy import DPConfig
+
+    d = DPConfig(noise_multiplier=1.0)
+    g = p.add_argument_group("differentially private pre-training (DP-SGD over images; "
+                             "smsd.protocol.privacy)")
+    g.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
+                   help="spend at most this ε over the whole run (noise calibrated to it)")
+    g.add_argument("--dp-noise-multiplier", type=float, default=None, metavar="Z",
+                   help="instead of --dp-epsilon: this noise multiplier (ε is reported)")
+    g.add_argument("--dp-delta", type=float, default=d.delta, help="δ of the guarantee")
+    g.add_argument("--dp-clip", type=float, default=d.clip,
+                   help="per-image gradient clipping bound (L2)")
+    g.add_argument("--dp-center-clip", type=float, default=d.center_clip,
+                   help="per-image bound on its contribution to DINO's center (L2)")
+
+
+def dp_config(args: argparse.Namespace):
+    """The :class:`~smsd.protocol.privacy.DPConfig` the DP options describe, or None."""
+    from ..protocol.privacy import DPConfig
+
+    if args.dp_epsilon is None and args.dp_noise_multiplier is None:
+        return None
+    from ..extras import require
+
+    require("dp", purpose="--dp-epsilon / --dp-noise-multiplier (the accountant)")
+    return DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta,
+                    noise_multiplier=args.dp_noise_multiplier, clip=args.dp_clip,
+                    center_clip=args.dp_center_clip)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_loader_arg, add_model_args, folder_loader, model_config
+from .common import (
+    add_dp_args,
+    add_loader_arg,
+    add_model_args,
+    dp_config,
+    folder_loader,
+    model_config,
+)
 from .sealing import add_seal_to_args, add_unseal_key_arg, recipients, unseal_key
 
 __all__ = ["add_encode", "add_evaluate", "add_finetune", "add_pretrain"]
@@ -81,6 +88,7 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     add_unseal_key_arg(p, "the server's")
     add_seal_to_args(p, "the clients (their .pub files): each can open the body",
                      attestation=False)
+    add_dp_args(p)
     add_model_args(p)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -95,7 +103,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         bottleneck_dim=args.bottleneck_dim, global_keep=tuple(args.global_keep),
         local_keep=tuple(args.local_keep),
         momentum_teacher=args.momentum_teacher, koleo_weight=args.koleo_weight,
-        seed=args.seed)
+        seed=args.seed, dp=dp_config(args))
     options = RunOptions(device=args.device, checkpoint_every=args.checkpoint_every,
                          checkpoint_every_steps=args.checkpoint_every_steps,
                          deterministic=args.deterministic)
@@ -109,6 +117,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if ranks.is_main:
         print(f"wrote {args.out} (metrics and checkpoints in {work}"
               + (f"; {ranks.world_size} ranks" if ranks.distributed else "") + ")")
+        privacy = server.privacy_record()
+        if privacy is not None:
+            print(f"differential privacy: (ε = {privacy['epsilon_spent']:.3g}, "
+                  f"δ = {privacy['delta']:g}) per image, noise multiplier "
+                  f"{privacy['noise_multiplier']:.3g}, clip {privacy['clip']:g} "
+                  "(recorded in the body's metadata)")
     return 0
 
 

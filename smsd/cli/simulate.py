@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from ..errors import SmsdError
 from ..extras import available, require
-from .common import add_loader_arg
+from .common import add_dp_args, add_loader_arg, dp_config
 
 __all__ = ["add_simulate"]
 
@@ -51,6 +51,10 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    metavar="METHOD", help=f"which methods to run (of {', '.join(METHODS)}; "
                    "a defence changes only SMSD's row)")
+    p.add_argument("--membership", action="store_true",
+                   help="run the membership-inference attack on SMSD's returned body "
+                   "(uploaded images vs the never-uploaded test images; AUC in the table)")
+    add_dp_args(p)
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -62,16 +66,23 @@ def _config(args: argparse.Namespace):
     if not args.pos_embed_scale >= 0:
         raise SmsdError(f"--pos-embed-scale must be >= 0, got {args.pos_embed_scale}")
     model = recipe.model.replace(head_seed=args.head_seed, pos_embed_scale=args.pos_embed_scale)
+    dp = dp_config(args)
+    koleo = recipe.pretrain.koleo_weight
+    if dp is not None and koleo:
+        # KoLeo ties a batch's images together: no per-image clipping bounds it.
+        print(f"DP pre-training: KoLeo off (the recipe's {koleo} → 0)")
+        koleo = 0.0
+    pretrain = replace(recipe.pretrain, epochs=args.pretrain_epochs, dp=dp, koleo_weight=koleo)
     recipe = replace(
         recipe, model=model, smsd_body_lr_scale=args.smsd_body_lr_scale,
-        noise_std=args.noise_std,
-        pretrain=replace(recipe.pretrain, epochs=args.pretrain_epochs),
+        noise_std=args.noise_std, pretrain=pretrain,
         finetune=replace(recipe.finetune, epochs=args.finetune_epochs))
     split = DataSplit(dataset=args.dataset, clients=args.clients, alpha=args.alpha,
                       labeled_fraction=args.labeled_fraction)
     cfg = SimulateConfig(split=split, rounds=args.rounds, local_epochs=args.local_epochs,
                          loader=args.loader, recipe=recipe,
-                         methods=tuple(dict.fromkeys(args.methods))).with_seed(args.seed)
+                         methods=tuple(dict.fromkeys(args.methods)),
+                         membership=args.membership).with_seed(args.seed)
     return cfg.quick() if args.quick else cfg
 
 

@@ -18,7 +18,8 @@ class SimulateConfig:
     """``split``: the clients and their data (its ``seed`` also seeds the keys, the noise
     and the baselines' tails); ``rounds`` and ``local_epochs``: the FedAvg baseline's
     budget; ``loader`` for ``folder:`` data sets ("dali", "torch" or "auto"); ``methods``:
-    which of :data:`METHODS` to run (a defence changes only SMSD's row)."""
+    which of :data:`METHODS` to run (a defence changes only SMSD's row); ``membership``:
+    run the membership-inference attack on SMSD's returned body (its AUC in the row)."""
 
     split: DataSplit = field(default_factory=DataSplit)
     rounds: int = 20
@@ -26,6 +27,7 @@ class SimulateConfig:
     loader: str = "auto"
     recipe: Recipe = field(default_factory=Recipe)
     methods: tuple[str, ...] = METHODS
+    membership: bool = False
 
     def __post_init__(self) -> None:
         positive_ints(self, "rounds", "local_epochs")

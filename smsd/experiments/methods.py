@@ -115,7 +115,25 @@ def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> M
                                 test_images=d.test_images, test_labels=d.test_labels)
         accs.append(metrics["test_accuracy"])
     up = sum(os.path.getsize(s) for s in shards) // len(shards)
-    return MethodResult("SMSD", accs, 1, up, os.path.getsize(body_path), 0.0)
+    privacy = server.privacy_record()
+    return MethodResult("SMSD", accs, 1, up, os.path.getsize(body_path), 0.0,
+                        dp_epsilon=None if privacy is None else privacy["epsilon_spent"],
+                        membership=_membership(cfg, clients, body))
+
+
+def _membership(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> dict | None:
+    """The membership-inference attack on the returned body: uploaded training images
+    (members) against the clients' test images, never uploaded (as many of each)."""
+    if not cfg.membership:
+        return None
+    from ..audit.membership import membership_inference
+
+    probe = Client(cfg.recipe.model, None)
+    non_members = torch.cat([test for _, test in clients.tokens])
+    members = probe.tokens(torch.cat([d.train_images for d in clients.data]))
+    n = min(len(members), len(non_members))
+    pick = torch.randperm(len(members), generator=torch.Generator().manual_seed(cfg.seed))[:n]
+    return membership_inference(body, members[pick], non_members[:n], seed=cfg.seed).to_dict()
 
 
 def finetune_only(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:

@@ -27,6 +27,10 @@ class MethodResult:
     bytes_up: int  # per client (mean over clients)
     bytes_down: int
     seconds: float
+    # SMSD only: the returned body's DP guarantee (None: not private) and the
+    # membership-inference attack on it (smsd.audit.membership)
+    dp_epsilon: float | None = None
+    membership: dict | None = None
 
     @property
     def mean_accuracy(self) -> float:
@@ -41,7 +45,11 @@ class MethodResult:
                 "min_acc": round(100 * self.min_accuracy, 2), "rounds": self.rounds,
                 "bytes_up_per_client": self.bytes_up, "bytes_down_per_client": self.bytes_down,
                 "wall_s": round(self.seconds, 2),
-                "client_acc": [round(100 * a, 2) for a in self.accuracies]}
+                "client_acc": [round(100 * a, 2) for a in self.accuracies],
+                **({} if self.dp_epsilon is None else {"dp_epsilon": self.dp_epsilon}),
+                **({} if self.membership is None else
+                   {"membership_auc": round(self.membership["auc"], 4),
+                    "membership": self.membership})}
 
 
 def format_row(r: MethodResult) -> str:
@@ -52,7 +60,15 @@ def format_row(r: MethodResult) -> str:
 def format_table(results: list[MethodResult]) -> str:
     head = (f"{'method':<16}{'mean acc':>9}{'min acc':>9}{'rounds':>8}{'up/client':>12}"
             f"{'down/client':>12}{'wall s':>9}")
-    return "\n".join([head, *(format_row(r) for r in results)])
+    lines = [head, *(format_row(r) for r in results)]
+    for r in results:
+        if r.dp_epsilon is not None:
+            lines.append(f"{r.method}: differential privacy ε = {r.dp_epsilon:.3g} per image")
+        if r.membership is not None:
+            lines.append(f"{r.method}: membership-inference AUC {r.membership['auc']:.3f} "
+                         f"(95 % CI {r.membership['auc_ci95'][0]:.3f}–"
+                         f"{r.membership['auc_ci95'][1]:.3f}; 0.5 = chance)")
+    return "\n".join(lines)
 
 
 def _human(n: float) -> str:
@@ -133,6 +149,13 @@ def summary_rows(runs: dict[int, list[MethodResult]]) -> list[dict]:
                          statistics.fmean(r.bytes_down for r in per_seed)),
                      "wall_s": round(statistics.fmean(r.seconds for r in per_seed), 2),
                      "per_seed_mean_acc": [round(m, 2) for m in means]})
+        if all(r.dp_epsilon is not None for r in per_seed):
+            rows[-1]["dp_epsilon"] = max(r.dp_epsilon for r in per_seed)
+        if all(r.membership is not None for r in per_seed):
+            aucs = [r.membership["auc"] for r in per_seed]
+            rows[-1] |= {"membership_auc": round(statistics.fmean(aucs), 4),
+                         "membership_auc_std": round(std(aucs), 4),
+                         "per_seed_membership_auc": [round(a, 4) for a in aucs]}
     return rows
 
 
@@ -155,4 +178,9 @@ def format_summary(runs: dict[int, list[MethodResult]]) -> str:
                      f"{_human(r['bytes_up_per_client']):>12}"
                      f"{_human(r['bytes_down_per_client']):>12}  "
                      + " ".join(f"{m:.2f}" for m in r["per_seed_mean_acc"]))
+        if "dp_epsilon" in r:
+            lines.append(f"{'':<16}differential privacy: ε = {r['dp_epsilon']:.3g} per image")
+        if "membership_auc" in r:
+            lines.append(f"{'':<16}membership-inference AUC {r['membership_auc']:.3f} ± "
+                         f"{r['membership_auc_std']:.3f} (0.5 = chance)")
     return "\n".join(lines)

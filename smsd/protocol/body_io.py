@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -16,7 +17,8 @@ from ..models import ViTBody, ViTConfig
 from ..sealing.files import check_public, open_maybe_sealed, seal_tensors
 from ..sealing.keys import RecipientPrivateKey, RecipientPublicKey
 
-__all__ = ["BODY_FORMAT", "BodyFileError", "load_body", "read_safetensors", "save_body"]
+__all__ = ["BODY_FORMAT", "BodyFileError", "body_privacy", "load_body", "read_safetensors",
+           "save_body"]
 
 BODY_FORMAT = "smsd-vit-body"
 FILE_VERSION = "1"
@@ -29,15 +31,19 @@ class BodyFileError(SmsdError, ValueError):
 
 
 def save_body(path: str | os.PathLike, body: ViTBody, *, head_fingerprint: str,
-              seal_to: Sequence[RecipientPublicKey] = ()) -> Path:
+              seal_to: Sequence[RecipientPublicKey] = (), privacy: dict | None = None) -> Path:
     """Write ``body``'s weights and model config atomically; with ``seal_to``, sealed
-    to those recipients (each client that may open it), never in the clear."""
+    to those recipients (each client that may open it), never in the clear.
+    ``privacy``: the differential-privacy guarantee it was trained under (metadata
+    ``privacy``, JSON; :func:`body_privacy` reads it back)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
              for k, v in body.state_dict().items()}
     metadata = {"format": BODY_FORMAT, "version": FILE_VERSION,
                 "model_config": body.config.to_json(), "head_fingerprint": head_fingerprint}
+    if privacy is not None:
+        metadata["privacy"] = json.dumps(privacy, sort_keys=True)
     path = Path(path)
     if seal_to:
         return seal_tensors(path, state, metadata, seal_to)
@@ -70,6 +76,8 @@ def read_model_file(
     header = safe_files.read_header(source, what, error=BodyFileError, dtypes={"F32"})
     if public is not None:
         check_public(header, public)
+    if format == BODY_FORMAT and "privacy" in header.metadata:
+        fields = fields | {"privacy"}
     meta = safe_files.check_metadata(header, format=format, version=FILE_VERSION,
                                      fields=fields, kind=kind, hint=hint)
     safe_files.check_fingerprint(header, meta["head_fingerprint"])
@@ -127,3 +135,20 @@ def build_model(factory: Callable[[], M], config: ViTConfig, state: dict[str, to
     model = factory()
     model.load_state_dict(state)
     return model
+
+
+def body_privacy(path: str | os.PathLike, *, key: RecipientPrivateKey | None = None,
+                 ) -> dict | None:
+    """The differential-privacy record a body file carries (None: not private)."""
+    path = Path(path)
+    meta, _ = read_model_file(path, "body file", format=BODY_FORMAT, fields=_BODY_FIELDS,
+                              kind="smsd body file", key=key)
+    if "privacy" not in meta:
+        return None
+    try:
+        record = json.loads(meta["privacy"])
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise BodyFileError(f"body file {path} has a malformed privacy record")
+    return record

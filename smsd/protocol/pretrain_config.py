@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..checks import non_negative_int, positive_int, positive_ints
+from .privacy import DPConfig
 
 __all__ = ["PretrainConfig", "RunOptions", "teacher_temp"]
 
@@ -14,6 +15,9 @@ __all__ = ["PretrainConfig", "RunOptions", "teacher_temp"]
 class PretrainConfig:
     """Masked sampling distillation hyper-parameters (DINO's names and defaults where
     they apply).
+
+    ``dp``: differentially private pre-training (:class:`~smsd.protocol.privacy.DPConfig`,
+    :mod:`smsd.protocol.privacy`); ``None``: not private.
 
     What a run computes: a resume must use the same values. How a run is operated
     (device, checkpoints, determinism) is :class:`RunOptions`. ``batch_size`` is the
@@ -44,6 +48,7 @@ class PretrainConfig:
     koleo_weight: float = 0.0
     seed: int = 0
     packed: bool | None = None
+    dp: DPConfig | None = None
 
     @classmethod
     def with_teacher_temp(cls, teacher_temp: float, **fields) -> PretrainConfig:
@@ -65,6 +70,10 @@ class PretrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not self.koleo_weight >= 0:
             raise ValueError(f"koleo_weight must be >= 0, got {self.koleo_weight!r}")
+        if self.dp is not None and self.koleo_weight:
+            raise ValueError("differentially private pre-training needs koleo_weight=0 "
+                             "(--koleo-weight 0): KoLeo ties the images of a batch together, "
+                             "so no per-image clipping bounds it")
 
     @property
     def keep(self) -> tuple[float, ...]:

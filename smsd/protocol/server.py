@@ -30,6 +30,8 @@ from .body_io import save_body
 from .distill import DistillStep, StepSchedule, koleo_loss
 from .distributed import Ranks, barrier, current_ranks, mean_across_ranks, rank_device
 from .pretrain_config import PretrainConfig, RunOptions, teacher_temp
+from .privacy import DPPlan
+from .private_step import PrivateDistillStep
 from .run_state import (
     METRICS_NAME,
     Position,
@@ -71,6 +73,8 @@ class Server:
         self.seal_body_to = tuple(seal_body_to)
         self.head_fingerprint = head_fingerprint or _seeded_head_fingerprint(model_config)
         self.history: list[dict] = []
+        self.privacy: DPPlan | None = None
+        self._steps_per_epoch = 0
 
     # ------------------------------------------------------------------ data
     def load_shards(self, shard_paths: Sequence[str | os.PathLike]) -> torch.Tensor:
@@ -112,6 +116,9 @@ class Server:
         work = Path(work_dir) if work_dir is not None else None
         if resume and work is None:
             raise PretrainError("resume asked for but no work_dir given")
+        if cfg.dp is not None and ranks.distributed:
+            raise PretrainError("differentially private pre-training runs as one process "
+                                "(its per-image clipping is not split across ranks)")
         tokens = self.load_shards(shard_paths)
         batch = min(cfg.batch_size, tokens.shape[0])
         try:
@@ -128,8 +135,12 @@ class Server:
         finally:
             torch.set_num_threads(threads)  # a deterministic resume may have changed it
 
-    def _step_fn(self, run: RunState, ranks: Ranks, device: torch.device) -> DistillStep:
+    def _step_fn(self, run: RunState, ranks: Ranks, device: torch.device,
+                 plan: DPPlan | None, batch: int) -> DistillStep | PrivateDistillStep:
         cfg = self.train_config
+        if plan is not None:
+            return PrivateDistillStep(run.student, run.teacher, run.loss_fn, run.optimizer,
+                                      plan=plan, expected_batch=batch, generator=run.gen)
         packed = cfg.packed if cfg.packed is not None else device.type == "cuda"
         model: torch.nn.Module = run.student
         if ranks.distributed:
@@ -154,6 +165,7 @@ class Server:
         device = rank_device(opts.device, ranks)
         n = tokens.shape[0]
         steps = n // batch  # drop the ragged last batch, as DINO's loader does
+        self._steps_per_epoch = steps
         run = RunState.build(self.config, cfg, device)
         position = Position()
         self.history = []  # this run's epochs (a resume restores the earlier ones)
@@ -164,7 +176,9 @@ class Server:
             if ranks.is_main:  # later lines of metrics.jsonl belong to a lost future
                 lines = "".join(json.dumps(record) + "\n" for record in self.history)
                 atomic_write_bytes(work / METRICS_NAME, lines.encode())
-        step_fn = self._step_fn(run, ranks, device)
+        self.privacy = (DPPlan.make(cfg.dp, batch / n, cfg.epochs * steps)
+                        if cfg.dp is not None else None)
+        step_fn = self._step_fn(run, ranks, device, self.privacy, batch)
         lrs = cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, steps, cfg.warmup_epochs)
         wds = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps)
         momenta = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps)
@@ -190,10 +204,15 @@ class Server:
                 it = epoch * steps + step
                 # The whole global batch is drawn on every rank (same generator, same
                 # draws), then each rank keeps its rows: W ranks split the 1-rank run.
-                images = position.order[step * batch:(step + 1) * batch]
-                views = sample_views(batch, self.config.n_tokens, cfg.keep, generator=run.gen)
-                x = tokens[images[rows]].to(device).float()
-                index = [idx[rows].to(device) for idx in views]
+                if self.privacy is None:
+                    images = position.order[step * batch:(step + 1) * batch]
+                else:  # DP-SGD's Poisson sample: each image in with probability batch / n
+                    images = (torch.rand(n, generator=run.gen) < batch / n).nonzero()[:, 0]
+                views = sample_views(len(images), self.config.n_tokens, cfg.keep,
+                                     generator=run.gen)
+                mine = rows if self.privacy is None else slice(None)  # DP: one process
+                x = tokens[images[mine]].to(device).float()
+                index = [idx[mine].to(device) for idx in views]
                 schedule = StepSchedule(epoch=epoch, lr=float(lrs[it]),
                                         weight_decay=float(wds[it]),
                                         momentum=float(momenta[it]),
@@ -215,6 +234,8 @@ class Server:
                       "momentum": float(momenta[last]),
                       "teacher_temp": teacher_temp(cfg, epoch),
                       "seconds": time.perf_counter() - started}
+            if self.privacy is not None:
+                record["dp_epsilon"] = self.privacy.spent(last + 1)
             self.history.append(record)
             position = Position(epoch=epoch + 1)
             if work is None:
@@ -230,9 +251,18 @@ class Server:
         body = run.teacher.body.cpu().eval()
         if out is not None and ranks.is_main:
             save_body(out, body, head_fingerprint=self.head_fingerprint,
-                      seal_to=self.seal_body_to)
+                      seal_to=self.seal_body_to, privacy=self.privacy_record())
         barrier()  # every rank returns once the body file exists
         return body
+
+
+    def privacy_record(self) -> dict | None:
+        """The DP guarantee of the last run's body (None when it was not private): the
+        plan and the ε actually spent (less than planned when stopped early)."""
+        if self.privacy is None:
+            return None
+        done = sum(1 for _ in self.history) * self._steps_per_epoch
+        return self.privacy.record() | {"epsilon_spent": self.privacy.spent(done)}
 
 
 def _seeded_head_fingerprint(config: ViTConfig) -> str:
