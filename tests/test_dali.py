@@ -197,7 +197,7 @@ def test_cli_encode_with_dali(folder, tmp_path, capsys):
                  "--img-size", "16", "--patch-size", "4", "--in-chans", "1",
                  "--loader", "dali"]) == 0
     out = capsys.readouterr().out
-    assert "20 images" in out and "(dali-cpu loader)" in out and shard.is_file()
+    assert "20 images" in out and "(dali-cpu loader, UNSEALED)" in out and shard.is_file()
 
 
 def test_leaving_an_epoch_early_starts_the_next_one_fresh(folder):

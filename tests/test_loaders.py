@@ -284,7 +284,7 @@ def test_cli_loader_option(folder, tmp_path, capsys):
                  "--img-size", "16", "--patch-size", "4", "--in-chans", "3",
                  "--loader", "torch"]) == 0
     out = capsys.readouterr().out
-    assert "20 images" in out and "(torch loader)" in out and shard.is_file()
+    assert "20 images" in out and "(torch loader, UNSEALED)" in out and shard.is_file()
     images, labels, n_classes = load_dataset(f"folder:{folder}", img_size=16, in_chans=3,
                                              loader="torch")
     assert images.shape == (20, 3, 16, 16) and n_classes == 2 and labels.tolist()[-1] == 1
