@@ -109,7 +109,9 @@ def test_torchrun_cli(shard, single, tmp_path):
             "--hidden-dim", str(TRAIN.hidden_dim), "--bottleneck-dim",
             str(TRAIN.bottleneck_dim), "--warmup-epochs", str(TRAIN.warmup_epochs),
             "--local-keep", *map(str, TRAIN.local_keep), "--checkpoint-every", "1",
-            "--no-progress"]
+            "--lr", str(TRAIN.lr), "--teacher-temp", str(TRAIN.teacher_temp),
+            "--momentum-teacher", str(TRAIN.momentum_teacher),
+            "--koleo-weight", str(TRAIN.koleo_weight), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     env.pop("TRITON_INTERPRET", None)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

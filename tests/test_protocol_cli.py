@@ -140,8 +140,8 @@ def test_finetune_with_augmentation_sees_fresh_images_every_epoch(tmp_path, fold
     passes = []
     original = Client._loader_tokens
 
-    def spy(self, it):
-        out = original(self, it)
+    def spy(self, it, *rest):
+        out = original(self, it, *rest)
         if it is augment:
             passes.append(out)
         return out

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import SmsdError
 from .audit import add_audit
+from .evaluate import add_evaluate
 from .ops import add_backends, add_bench, add_check, add_keygen
-from .protocol import add_encode, add_evaluate, add_finetune, add_pretrain
+from .protocol import add_encode, add_finetune, add_pretrain
 from .sealing import add_seal
 from .simulate import add_simulate
 
@@ -47,6 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library names that a command's flag of another name sets.
+_FIELD_FLAGS = {"n_clients": "--clients"}
+
+
+def in_flag_terms(message: str, command: argparse.ArgumentParser) -> str:
+    """``message`` with the library's field names (``batch_size``) replaced by the flags
+    the user typed (``--batch-size``): identifiers with an underscore everywhere, one-word
+    names where they are the subject (``lr must``, ``epochs:``, ``alpha (``)."""
+    flags = dict(_FIELD_FLAGS)
+    for action in command._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long and action.dest not in ("help", "func"):
+            flags.setdefault(action.dest, long[0])
+    for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        # Not inside a path or a word: no letter, dot, slash or dash around it.
+        pattern = (rf"(?<![\w./-]){re.escape(name)}(?![\w./-])" if "_" in name
+                   else rf"(?<![\w./-]){re.escape(name)}(?=( must|: | \())")
+        message = re.sub(pattern, flag, message)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,14 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(message)s")
     try:
         return args.func(args)
-    except (SmsdError, ValueError, TypeError, FileNotFoundError, PermissionError,
-            FileExistsError) as exc:
+    except (SmsdError, ValueError, TypeError, OSError) as exc:
         if args.verbose:
             raise
-        print(f"smsd {args.command}: error: {exc}", file=sys.stderr)
+        command = parser._subparsers._group_actions[0].choices[args.command]
+        print(f"smsd {args.command}: error: {in_flag_terms(str(exc), command)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("smsd: interrupted", file=sys.stderr)
+        # On a line of its own (a progress bar may hold the cursor), with what to do next.
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"\nsmsd {args.command}: interrupted" + (f"; {hint}" if hint else ""),
+              file=sys.stderr)
         return 130
 
 

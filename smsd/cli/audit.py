@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 
 from ..extras import require
-from .common import add_model_args, model_config
+from .common import (
+    HelpFormatter,
+    add_device_arg,
+    add_model_args,
+    check_output_dir,
+    model_config,
+    resolve_device,
+)
 
 __all__ = ["add_audit"]
 
@@ -29,7 +36,7 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "audit", help="privacy audit: the strongest attacks we have against every defence, "
-        "with reference levels and ε", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "with reference levels and ε", formatter_class=HelpFormatter,
         epilog=EXAMPLES,
         description=textwrap.fill(
             "Without --shard: the auditor plays a client, encodes --images under every "
@@ -67,7 +74,7 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
                    "exits 1 if an attack no longer breaks a defence it is known to break")
     p.add_argument("--seed", type=int, default=0,
                    help="the simulated client's secrets and the attacks' restarts")
-    p.add_argument("--device", default="cpu", help="where the inverse network trains")
+    add_device_arg(p, "the inverse network trains")
     p.add_argument("--pixel-range", type=float, nargs=2, default=(-1.0, 1.0),
                    metavar=("LOW", "HIGH"), help="the model's input range (the attacks' prior)")
     p.add_argument("--out", default=None,
@@ -97,14 +104,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise AuditError(f"--limit must be >= 1, got {args.limit}")
     if not args.pixel_range[0] < args.pixel_range[1]:
         raise AuditError(f"--pixel-range must be LOW < HIGH, got {args.pixel_range}")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise AuditError(f"--device {args.device} was asked for but no CUDA device is "
-                             "visible")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise AuditError(f"--out {args.out} exists and is not a folder")
+    args.device = resolve_device(args.device)
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
 
 
 def _defences(args: argparse.Namespace):

@@ -7,14 +7,23 @@ import datetime
 import os
 
 from ..errors import SmsdError
-from .common import devices
+from .common import (
+    add_command,
+    add_device_arg,
+    check_output_dir,
+    check_output_file,
+    devices,
+    positive_float,
+    resolve_device,
+)
 
 __all__ = ["add_backends", "add_bench", "add_check", "add_keygen"]
 
 
 # ---------------------------------------------------------------- backends
 def add_backends(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("backends", help="show which backends can run here, and why not")
+    p = add_command(sub, "backends", help="show which backends, loaders and extras can run "
+                    "here, and why not", examples="  smsd backends")
     p.set_defaults(func=_cmd_backends)
 
 
@@ -37,9 +46,14 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 def add_check(sub: argparse._SubParsersAction) -> None:
     from ..selfcheck import OPS
 
-    p = sub.add_parser("check", help="validate every op and backend against the reference")
-    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
-    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p = add_command(sub, "check", help="validate every op and backend against the reference",
+                    examples="""
+  smsd check                                # every op, every backend that runs here
+  smsd check --triton-interpret --ops dino_loss""")
+    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                   help="where to check; all = the CPU and the GPU when one is visible")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), metavar="OP",
+                   help=f"which ops (of {', '.join(OPS)})")
     p.add_argument("--triton-interpret", action="store_true",
                    help="also run the Triton kernels on CPU tensors (TRITON_INTERPRET=1; slow)")
     p.set_defaults(func=_cmd_check)
@@ -73,15 +87,21 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def add_bench(sub: argparse._SubParsersAction) -> None:
     from ..bench import OPS
 
-    p = sub.add_parser("bench", help="benchmark every backend against the reference (a table)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda when visible, else cpu")
-    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p = add_command(sub, "bench", help="benchmark every backend against the reference "
+                    "(a table)", examples="""
+  smsd bench --size quick --out -           # a smoke test, no files
+  smsd bench --ops dino_loss --budget 3     # one op, 3 s of timing per row
+  smsd bench --train-step""")
+    add_device_arg(p, "the benchmark")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), metavar="OP",
+                   help=f"which ops (of {', '.join(OPS)})")
     p.add_argument("--size", choices=("full", "quick"), default="full",
                    help="full: the shapes the targets name; quick: tiny shapes (smoke test)")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row")
+    p.add_argument("--budget", type=positive_float, default=1.0,
+                   help="seconds of timing per row")
     p.add_argument("--out", default="benchmarks/results",
-                   help="folder for the JSON rows ('-' writes none)")
+                   help="folder for the JSON rows, created; its path is printed ('-' writes "
+                   "none)")
     p.add_argument("--train-step", action="store_true",
                    help="benchmark the full training step against the plain PyTorch step "
                    "instead (quick: the tiny model; more options: benchmarks/train_step.py)")
@@ -89,12 +109,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
     from ..bench.runner import run
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    devices(device)
+    device = resolve_device(args.device)
+    if args.out != "-":
+        args.out = str(check_output_dir(args.out, "--out").absolute())  # printed at the end
     if args.train_step:
         from ..bench.train_step import benchmark
 
@@ -113,8 +132,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- keygen
 def add_keygen(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("keygen", help="create a client's secret permutation key, or with "
-                       "--recipient a key pair files are sealed to (secret files mode 0600)")
+    p = add_command(sub, "keygen", help="create a client's secret permutation key, or with "
+                    "--recipient a key pair files are sealed to (secret files mode 0600)",
+                    examples="""
+  smsd keygen --out site-a.key                     # a client's permutation key
+  smsd keygen --recipient --out server             # server.pub (hand out), server.key""")
     p.add_argument("--out", required=True,
                    help="key file to create; with --recipient the prefix of OUT.pub and OUT.key")
     p.add_argument("--recipient", action="store_true",
@@ -127,6 +149,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     from ..crypto import PermutationKey
 
     if args.recipient:
+        check_output_file(f"{args.out}.key", "--out", force=True)  # its folder, first
         from ..sealing.keys import generate_recipient
 
         try:
@@ -136,6 +159,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         print(f"wrote {public} (give it to whoever seals to you) and {private} (secret, "
               "mode 0600)")
         return 0
+    check_output_file(args.out, "--out", force=True)
     key = PermutationKey.generate()
     try:
         key.save(args.out, overwrite=args.force)

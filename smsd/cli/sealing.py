@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import SmsdError
+from .common import add_command
 
 __all__ = ["add_seal", "add_seal_to_args", "add_unseal_key_arg", "recipients", "unseal_key"]
 
@@ -69,8 +70,10 @@ def unseal_key(args: argparse.Namespace):
 
 # ------------------------------------------------------------------ seal
 def add_seal(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("seal", help="seal an existing shard or body file to recipients "
-                       "(streamed: the file never has to fit in memory)")
+    p = add_command(sub, "seal", help="seal an existing shard or body file to recipients "
+                    "(streamed: the file never has to fit in memory)", examples="""
+  smsd seal site-a.safetensors --seal-to server.pub --out site-a.sealed
+  smsd seal body.safetensors --seal-to site-a.pub site-b.pub --out body.sealed""")
     p.add_argument("file", help="the clear shard or body file (.safetensors)")
     p.add_argument("--out", required=True, help="sealed file to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out")

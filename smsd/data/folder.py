@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ..errors import SmsdError
 from ..extras import require
 
-__all__ = ["IMAGE_SUFFIXES", "DataError", "list_image_folder", "load_image_folder", "read_pixels"]
+__all__ = ["IMAGE_SUFFIXES", "DataError", "list_image_folder", "load_image_folder", "read_pixels",
+           "skipped_files"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
@@ -138,3 +139,26 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
         files.extend(found)
         labels.extend([label] * len(found))
     return files, labels, classes
+
+
+def skipped_files(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """What :func:`list_image_folder` leaves out of ``root``, with why: files beside the
+    class folders, files that are not images, folders nested in a class folder (not
+    searched), hidden entries."""
+    root = Path(root)
+    skipped: list[tuple[Path, str]] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            skipped.append((entry, "hidden"))
+        elif not entry.is_dir():
+            skipped.append((entry, "not in a class folder"))
+            continue
+        else:
+            for item in sorted(entry.iterdir()):
+                if item.name.startswith("."):
+                    skipped.append((item, "hidden"))
+                elif item.is_dir():
+                    skipped.append((item, "nested folder (not searched)"))
+                elif item.suffix.lower() not in IMAGE_SUFFIXES:
+                    skipped.append((item, f"not an image suffix ({', '.join(IMAGE_SUFFIXES)})"))
+    return skipped

@@ -26,7 +26,7 @@ def dirichlet_split(labels: torch.Tensor, n_clients: int, alpha: float, seed: in
     labels_np = labels.cpu().numpy()
     if len(labels_np) < n_clients * min_size:
         raise ValueError(f"{len(labels_np)} samples cannot give {n_clients} clients "
-                         f"{min_size} samples each")
+                         f"{min_size} samples each: lower n_clients ({n_clients})")
     rng = np.random.default_rng(seed)
     for _ in range(1000):
         parts: list[list[int]] = [[] for _ in range(n_clients)]

@@ -104,8 +104,9 @@ def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> M
     shards = [site.encode(d.train_images, work / f"client{i}.safetensors")
               for i, (site, d) in enumerate(zip(sites, clients.data, strict=True))]
     # One checkpoint, at the end: a simulation is not resumed.
-    server = Server(recipe.model, recipe.pretrain, head_fingerprint=sites[0].fingerprint,
-                    options=RunOptions(checkpoint_every=recipe.pretrain.epochs))
+    pretrain = recipe.pretrain_for(sum(d.train_images.shape[0] for d in clients.data))
+    server = Server(recipe.model, pretrain, head_fingerprint=sites[0].fingerprint,
+                    options=RunOptions(checkpoint_every=pretrain.epochs))
     body_path = work / "body.safetensors"
     body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress)
     accs = []

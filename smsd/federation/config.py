@@ -69,8 +69,7 @@ class FederationConfig:
                              for key, kind in _SPLIT_KEYS.items() if key in run_config})
         recipe = Recipe()
         if "pretrain-epochs" in run_config:
-            recipe = replace(recipe, pretrain=replace(
-                recipe.pretrain, epochs=_typed(run_config, "pretrain-epochs", int)))
+            recipe = recipe.with_pretrain_epochs(_typed(run_config, "pretrain-epochs", int))
         if "finetune-epochs" in run_config:
             recipe = replace(recipe, finetune=replace(
                 recipe.finetune, epochs=_typed(run_config, "finetune-epochs", int)))

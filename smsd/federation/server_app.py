@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import SmsdError
 from ..protocol.body_io import BODY_FORMAT
 from ..protocol.server import RunOptions, Server
-from ..protocol.shard import SHARD_FORMAT
+from ..protocol.shard import SHARD_FORMAT, count_images
 from .config import FederationConfig
 from .transfer import message_bytes, pack_file, unpack_file
 
@@ -147,8 +147,9 @@ def run_protocol(grid, config: FederationConfig, *, work_dir: str | Path | None 
 
         started = time.perf_counter()
         # One checkpoint, at the end (the SuperLink's work folder is temporary).
-        server = Server(recipe.model, recipe.pretrain,
-                        options=RunOptions(checkpoint_every=recipe.pretrain.epochs),
+        pretrain = recipe.pretrain_for(count_images(shard_paths))
+        server = Server(recipe.model, pretrain,
+                        options=RunOptions(checkpoint_every=pretrain.epochs),
                         unseal_key=server_key)
         body_path = work / "body.safetensors"
         server.pretrain(shard_paths, out=body_path, work_dir=work / "server",

@@ -77,15 +77,21 @@ class Client:
                           for i in range(0, images.shape[0], batch_size)])
 
     @torch.no_grad()
-    def _loader_tokens(self, loader: Iterable[Batch]
+    def _loader_tokens(self, loader: Iterable[Batch], progress: str | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens, labels and source indices of one epoch of a loader."""
+        """Tokens, labels and source indices of one epoch of a loader (a progress bar
+        named ``progress`` when given and stderr is a terminal)."""
         if not hasattr(loader, "__iter__") or not hasattr(loader, "source"):
             raise TypeError("images must be a floating-point torch.Tensor [n, C, H, W] or a "
                             f"loader from smsd.data.make_loader, got {type(loader).__name__}")
+        from tqdm.auto import tqdm
+
         device = next(self.head.parameters()).device
         tokens, labels, indices = [], [], []
-        for batch in loader:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        batches = tqdm(loader, total=total, desc=progress, unit="batch",
+                       disable=None if progress else True, leave=False)
+        for batch in batches:
             tokens.append(self.head(batch.images.to(device, torch.float32)))
             labels.append(batch.labels)
             indices.append(batch.indices)
@@ -96,13 +102,14 @@ class Client:
     @torch.no_grad()
     def encode(self, images: Images, out: str | os.PathLike,
                image_ids: Sequence[ImageId] | None = None, *,
-               seal_to: Sequence[RecipientPublicKey] = ()) -> Path:
+               seal_to: Sequence[RecipientPublicKey] = (), progress: bool = False) -> Path:
         """Embed, permute each image's tokens with the key, and write a shard to ``out``.
 
         ``image_ids`` (default ``0..n-1``; for a loader, its source's ids) select each
         image's permutation; they stay on the client, the shard does not hold them.
         ``seal_to``: seal the shard to these recipients (the server's public key), so
-        that only the training job can read it (:mod:`smsd.sealing`).
+        that only the training job can read it (:mod:`smsd.sealing`). ``progress``: a
+        progress bar over a loader's batches (on a terminal).
         """
         if self.key is None:
             raise ValueError("encode needs the client's permutation key (key=None was given)")
@@ -112,7 +119,7 @@ class Client:
             if image_ids is not None:
                 raise ValueError("image_ids must be None with a loader: the ids are its "
                                  "source's (loader.source.ids)")
-            tokens, _, indices = self._loader_tokens(images)
+            tokens, _, indices = self._loader_tokens(images, "encode" if progress else None)
             image_ids = [images.source.ids[i] for i in indices.tolist()]
         n, n_tokens, _ = tokens.shape
         ids = list(range(n)) if image_ids is None else list(image_ids)
@@ -136,22 +143,23 @@ class Client:
                             "model config's seeded head")
         return client
 
-    def _tokens_and_labels(self, images: Images, labels: torch.Tensor | None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokens_and_labels(self, images: Images, labels: torch.Tensor | None,
+                           progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(images, torch.Tensor):
             if labels is None:
                 raise TypeError("labels are required with an image tensor")
             return self.tokens(images), labels
         if labels is not None:
             raise ValueError("labels must be None with a loader: its batches carry them")
-        tokens, labels, _ = self._loader_tokens(images)
+        tokens, labels, _ = self._loader_tokens(images, progress)
         return tokens, labels
 
     def finetune(self, body: ViTBody, images: Images, labels: torch.Tensor | None = None, *,
                  num_classes: int, config: FinetuneConfig | None = None,
                  test_images: Images | None = None,
                  test_labels: torch.Tensor | None = None,
-                 augment: Iterable[Batch] | None = None) -> dict[str, float]:
+                 augment: Iterable[Batch] | None = None,
+                 progress: bool = False) -> dict[str, float]:
         """Attach a linear classifier to a copy of ``body`` and train on labeled images
         (tokens in patch order; from one epoch of the loader when ``images`` is one,
         ``labels`` then ``None``). The result stays in ``self.model``.
@@ -160,11 +168,15 @@ class Client:
         crop, flip, brightness/contrast...); every epoch then trains on a fresh pass of it,
         embedded by the head. ``images`` still gives the train accuracy (unaugmented).
 
+        ``progress``: progress bars while reading images and over the epochs (on a
+        terminal).
+
         Returns metrics: final training loss, train accuracy and, with a test set,
         test accuracy.
         """
         config = config or FinetuneConfig()
-        tokens, labels = self._tokens_and_labels(images, labels)
+        tokens, labels = self._tokens_and_labels(images, labels,
+                                                 "read images" if progress else None)
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
             raise TypeError("labels must be an int64 torch.Tensor")
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
@@ -175,7 +187,8 @@ class Client:
         if augment is not None:
             def epoch_data(_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
                 return self._loader_tokens(augment)[:2]
-        history = train_classifier(self.model, tokens, labels, config, epoch_data=epoch_data)
+        history = train_classifier(self.model, tokens, labels, config, epoch_data=epoch_data,
+                                   progress=progress)
         metrics = {"train_loss": history[-1],
                    "train_accuracy": accuracy(self.model, tokens, labels)}
         if test_images is not None and (test_labels is not None

@@ -1,42 +1,62 @@
-"""Accuracy of a fine-tuned model file on a labeled image loader (``smsd evaluate``)."""
+"""A fine-tuned model file scored on a labeled image folder (``smsd evaluate``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from os import PathLike
 
+import numpy as np
 import torch
 
-from ..data import ImageSource, collect, make_loader
+from ..data import ImageSource, make_loader
 from ..errors import SmsdError
 from .classifier_io import load_classifier
 from .client import Client
-from .training import accuracy
+from .clinical import Evaluation, evaluate_predictions, resolve_positive
+from .training import TokenClassifier
 
-__all__ = ["Evaluation", "evaluate_model_file"]
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    accuracy: float
-    images: int
+__all__ = ["Evaluation", "evaluate_model_file", "score_loader"]
 
 
-def evaluate_model_file(path: str | PathLike, data: str | PathLike, *,
-                        loader: str = "auto") -> Evaluation:
+def evaluate_model_file(path: str | PathLike, data: str | PathLike, *, loader: str = "auto",
+                        positive: str | None = None, progress: bool = False) -> Evaluation:
     """Load ``path`` (from ``smsd finetune``), check its head, and score it on the labeled
-    folder ``data`` (read by ``loader`` at the model's size). The folder's classes are
-    matched to the model's by name; a class the model never saw is an error."""
+    folder ``data`` (read by ``loader`` at the model's size): every metric of
+    :func:`~smsd.protocol.clinical.evaluate_predictions`. The folder's classes are matched
+    to the model's by name; a class the model never saw is an error, one missing from the
+    folder keeps its row. ``positive``: the positive class of a two-class model (default:
+    the second in sorted order). ``progress``: a progress bar on a terminal's stderr."""
     model, config, classes, fingerprint = load_classifier(path)
+    resolve_positive(classes, positive)  # checked before any image is read
     client = Client.for_trained(config, fingerprint, str(path))
     source = ImageSource.from_folder(data)
     found = list(source.classes)
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise SmsdError(f"{data} has classes the model was not trained on: {unknown}")
+    images = make_loader(source, img_size=config.img_size, in_chans=config.in_chans,
+                         mode="eval", loader=loader)
+    labels, probabilities = score_loader(model, client, images, progress=progress)
     # Map the folder's label numbers onto the model's class order.
-    remap = torch.tensor([classes.index(name) for name in found])
-    batch = collect(make_loader(source, img_size=config.img_size, in_chans=config.in_chans,
-                                mode="eval", loader=loader))
-    acc = accuracy(model, client.tokens(batch.images), remap[batch.labels])
-    return Evaluation(acc, int(batch.labels.numel()))
+    remap = np.array([classes.index(name) for name in found])
+    return evaluate_predictions(remap[labels], probabilities, classes, positive=positive)
+
+
+@torch.no_grad()
+def score_loader(model: TokenClassifier, client: Client, loader, *,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels [n], softmax probabilities [n, K])`` of one pass over ``loader``, batch
+    by batch (a tqdm bar when ``progress`` and stderr is a terminal)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    labels, probabilities = [], []
+    with tqdm(total=loader.num_samples, desc="evaluate", unit="img",
+              disable=None if progress else True) as bar:
+        for batch in loader:
+            logits = model(client.tokens(batch.images).float())
+            probabilities.append(torch.softmax(logits.double(), dim=-1).cpu())
+            labels.append(batch.labels.cpu())
+            bar.update(len(batch.labels))
+    if not labels:
+        raise ValueError("the loader yielded no images: there is nothing to evaluate")
+    return torch.cat(labels).numpy(), torch.cat(probabilities).numpy()

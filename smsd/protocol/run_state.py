@@ -26,6 +26,7 @@ from ..models import DINOHead, ViTBody, ViTConfig
 from ..nn import DINOLoss
 from .checkpoint import (
     CheckpointError,
+    checkpoint_paths,
     load_latest_checkpoint,
     load_optimizer,
     optimizer_tensors,
@@ -35,8 +36,8 @@ from .distill import StudentModel
 from .pretrain_config import PretrainConfig
 from .training import param_groups
 
-__all__ = ["METRICS_NAME", "Position", "PretrainError", "RunState", "deterministic_mode",
-           "restore_run", "save_run"]
+__all__ = ["METRICS_NAME", "Position", "PretrainError", "RunState", "ShardRecord",
+           "deterministic_mode", "restore_run", "run_files", "save_run"]
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -110,9 +111,21 @@ def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k.removeprefix(start): v for k, v in tensors.items() if k.startswith(start)}
 
 
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard a run trains on: its file name and the SHA-256 of its bytes."""
+
+    name: str
+    sha256: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "sha256": self.sha256}
+
+
 def save_run(work: Path, iteration: int, run: RunState, position: Position, *,
              history: list[dict], model_config: ViTConfig, train_config: PretrainConfig,
-             n_images: int, world_size: int, device: torch.device) -> None:
+             n_images: int, shards: list[ShardRecord], world_size: int,
+             device: torch.device) -> None:
     """Checkpoint ``run`` at ``position`` (the caller writes on one rank only)."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in run.modules():
@@ -127,15 +140,34 @@ def save_run(work: Path, iteration: int, run: RunState, position: Position, *,
         tensors["data/order"] = position.order
     state = {"epoch": position.epoch, "step": position.step, "iteration": iteration,
              "epoch_losses": position.losses, "history": history,
-             "n_images": n_images, "model_config": model_config.to_json(),
+             "n_images": n_images, "shards": [s.to_json() for s in shards],
+             "model_config": model_config.to_json(),
              "train_config": _config_record(train_config),
              "optimizer": optimizer_record, "world_size": world_size,
              "num_threads": torch.get_num_threads()}
     save_checkpoint(work, iteration, tensors, state)
 
 
+def _check_shards(path: Path, stored: object, shards: list[ShardRecord]) -> None:
+    """Refuse a checkpoint trained on other shards (by content, in order)."""
+    if not isinstance(stored, list):
+        raise PretrainError(f"checkpoint {path} records no shard digests (written by an "
+                            "older smsd): it cannot prove the shards are the same")
+    if len(stored) != len(shards):
+        raise PretrainError(f"checkpoint {path} was trained on {len(stored)} shard(s); "
+                            f"{len(shards)} given")
+    for i, (old, new) in enumerate(zip(stored, shards, strict=True)):
+        if not isinstance(old, dict) or old.get("sha256") != new.sha256:
+            was = old.get("name") if isinstance(old, dict) else "?"
+            raise PretrainError(
+                f"shard {new.name} (position {i + 1}) is not the shard the run in {path.parent} "
+                f"was trained on ({was}): its content differs; resume with the same shards "
+                "in the same order, or start over without --resume")
+
+
 def _check_compatible(path: Path, state: dict[str, Any], model_config: ViTConfig,
-                      train_config: PretrainConfig, n_images: int) -> None:
+                      train_config: PretrainConfig, n_images: int,
+                      shards: list[ShardRecord]) -> None:
     """Refuse a checkpoint of another model, training config or data set."""
     if state.get("model_config") != model_config.to_json():
         raise PretrainError(f"checkpoint {path} is for another model config")
@@ -150,18 +182,28 @@ def _check_compatible(path: Path, state: dict[str, Any], model_config: ViTConfig
     if state.get("n_images") != n_images:
         raise PretrainError(f"checkpoint {path} was trained on {state.get('n_images')} "
                             f"images; the shards given hold {n_images}")
+    _check_shards(path, state.get("shards"), shards)
+
+
+def run_files(work: Path) -> list[Path]:
+    """The files of a run in ``work``: its checkpoints and ``metrics.jsonl``."""
+    found = [p for _, p in checkpoint_paths(work)]
+    if (work / METRICS_NAME).exists():
+        found.append(work / METRICS_NAME)
+    return found
 
 
 def restore_run(work: Path, run: RunState, *, model_config: ViTConfig,
                 train_config: PretrainConfig, device: torch.device, n_images: int,
-                steps: int, deterministic: bool) -> tuple[Position, list[dict]]:
+                shards: list[ShardRecord], steps: int,
+                deterministic: bool) -> tuple[Position, list[dict]]:
     """Load the newest readable checkpoint into ``run``; return its position and the
     epochs' history."""
     try:
         path, state, tensors = load_latest_checkpoint(work)
     except CheckpointError as exc:
         raise PretrainError(f"cannot resume: {exc}") from None
-    _check_compatible(path, state, model_config, train_config, n_images)
+    _check_compatible(path, state, model_config, train_config, n_images, shards)
     try:
         for prefix, module in run.modules():
             module.load_state_dict(_with_prefix(tensors, prefix))

@@ -14,8 +14,10 @@ This module is the loop; the step is :mod:`.distill`, the state and its checkpoi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,14 +39,19 @@ from .run_state import (
     Position,
     PretrainError,
     RunState,
+    ShardRecord,
     deterministic_mode,
     restore_run,
+    run_files,
     save_run,
 )
 from .schedules import cosine_schedule
-from .shard import inspect_shard, read_shard
+from .shard import inspect_shard, read_shard, shard_digest
+from .training_watch import CollapseWatch, warmup_warning
 
 __all__ = ["PretrainConfig", "PretrainError", "RunOptions", "Server", "koleo_loss"]
+
+log = logging.getLogger("smsd")
 
 
 class Server:
@@ -75,6 +82,7 @@ class Server:
         self.history: list[dict] = []
         self.privacy: DPPlan | None = None
         self._steps_per_epoch = 0
+        self._shards: list[ShardRecord] = []
 
     # ------------------------------------------------------------------ data
     def load_shards(self, shard_paths: Sequence[str | os.PathLike]) -> torch.Tensor:
@@ -86,6 +94,8 @@ class Server:
                       embed_dim=self.config.embed_dim)
         for path in shard_paths:
             inspect_shard(path, **expect)
+        # What a checkpoint records, so that a resume on other data is refused.
+        self._shards = [ShardRecord(Path(p).name, shard_digest(p)) for p in shard_paths]
         return torch.cat([read_shard(path, **expect, key=self.unseal_key)
                           for path in shard_paths])
 
@@ -93,7 +103,8 @@ class Server:
     def pretrain(self, shard_paths: Sequence[str | os.PathLike], *,
                  out: str | os.PathLike | None = None,
                  work_dir: str | os.PathLike | None = None, resume: bool = False,
-                 stop_after: int | None = None, progress: bool = True) -> ViTBody:
+                 overwrite: bool = False, stop_after: int | None = None,
+                 progress: bool = True) -> ViTBody:
         """Masked sampling distillation on the shards; returns the trained (teacher) body.
 
         Runs data-parallel when a ``torch.distributed`` process group is initialized (see
@@ -106,7 +117,10 @@ class Server:
                 ``checkpoint_every_steps`` iterations if set, and at the end) and
                 ``metrics.jsonl`` (one line per epoch).
             resume: continue from ``work_dir``'s newest readable checkpoint (same configs
-                and shards), at the exact data position it was written at.
+                and shards, by content), at the exact data position it was written at.
+            overwrite: start afresh in a ``work_dir`` that holds a run (its checkpoints and
+                metrics are deleted first). Without it or ``resume``, such a folder is
+                refused: a rerun never silently replaces finished work.
             stop_after: stop after this many epochs (checkpointed), e.g. to time-slice a
                 job; schedules still follow ``epochs``.
             progress: show a tqdm progress bar (rank 0).
@@ -116,6 +130,11 @@ class Server:
         work = Path(work_dir) if work_dir is not None else None
         if resume and work is None:
             raise PretrainError("resume asked for but no work_dir given")
+        if resume and overwrite:
+            raise PretrainError("resume and overwrite exclude each other (--resume continues "
+                                "the run, --overwrite starts it over)")
+        if work is not None and not resume:
+            _start_afresh(work, overwrite=overwrite, is_main=ranks.is_main)
         if cfg.dp is not None and ranks.distributed:
             raise PretrainError("differentially private pre-training runs as one process "
                                 "(its per-image clipping is not split across ranks)")
@@ -172,7 +191,8 @@ class Server:
         if resume:
             position, self.history = restore_run(
                 work, run, model_config=self.config, train_config=cfg, device=device,
-                n_images=n, steps=steps, deterministic=opts.deterministic)
+                n_images=n, shards=self._shards, steps=steps,
+                deterministic=opts.deterministic)
             if ranks.is_main:  # later lines of metrics.jsonl belong to a lost future
                 lines = "".join(json.dumps(record) + "\n" for record in self.history)
                 atomic_write_bytes(work / METRICS_NAME, lines.encode())
@@ -184,6 +204,11 @@ class Server:
         momenta = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps)
         end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         done = position.epoch * steps + position.step
+        warning = warmup_warning(cfg)
+        if warning and ranks.is_main:
+            log.warning("pretrain: %s", warning)
+        watch = CollapseWatch(cfg.out_dim, patience=max(steps, 20),
+                              after_step=cfg.warmup_epochs * steps)
 
         def save(iteration: int) -> None:
             # Rank 0 only: after DDP's averaged update every rank holds the same models,
@@ -191,7 +216,7 @@ class Server:
             if ranks.is_main:
                 save_run(work, iteration, run, position, history=self.history,
                          model_config=self.config, train_config=cfg, n_images=n,
-                         world_size=ranks.world_size, device=device)
+                         shards=self._shards, world_size=ranks.world_size, device=device)
 
         bar = tqdm(total=max(end_epoch * steps - done, 0),
                    disable=not (progress and ranks.is_main), desc="pretrain", unit="step")
@@ -223,6 +248,9 @@ class Server:
                                         f"step {step}; lower lr")
                 position.losses.append(loss)
                 position.step = step + 1
+                alarm = watch.update(it, loss)
+                if alarm and ranks.is_main:
+                    bar.write(f"pretrain: warning: {alarm}", file=sys.stderr)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
                 if (work is not None and opts.checkpoint_every_steps and step + 1 < steps
@@ -241,8 +269,8 @@ class Server:
             if work is None:
                 continue
             if ranks.is_main:
-                with open(work / METRICS_NAME, "a") as log:
-                    log.write(json.dumps(record) + "\n")
+                with open(work / METRICS_NAME, "a") as metrics:
+                    metrics.write(json.dumps(record) + "\n")
             every_steps = opts.checkpoint_every_steps
             if ((epoch + 1) % opts.checkpoint_every == 0 or epoch + 1 == end_epoch
                     or (every_steps and (last + 1) % every_steps == 0)):
@@ -263,6 +291,22 @@ class Server:
             return None
         done = sum(1 for _ in self.history) * self._steps_per_epoch
         return self.privacy.record() | {"epsilon_spent": self.privacy.spent(done)}
+
+
+def _start_afresh(work: Path, *, overwrite: bool, is_main: bool) -> None:
+    """Refuse a work folder that holds a run, or with ``overwrite`` delete that run's
+    files (rank 0), so that ``metrics.jsonl`` never holds two histories."""
+    found = run_files(work)
+    if not found:
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise PretrainError(f"the work folder {work} holds a run ({names}): continue it with "
+                            "--resume, or start over with --overwrite (deletes it)")
+    if is_main:
+        for path in found:
+            path.unlink(missing_ok=True)
+        log.info("--overwrite: deleted the earlier run's %d file(s) in %s", len(found), work)
 
 
 def _seeded_head_fingerprint(config: ViTConfig) -> str:

@@ -7,6 +7,7 @@ fingerprint, grid, dtype and count. Never the key, labels, file names or image i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -31,7 +32,8 @@ from ..sealing.files import check_public, open_maybe_sealed, seal_tensors
 from ..sealing.keys import RecipientPrivateKey, RecipientPublicKey
 from ..sealing.stream import SealedFileError, is_sealed, read_sealed_header
 
-__all__ = ["SHARD_FORMAT", "SHARD_VERSION", "ShardError", "ShardInfo", "read_shard", "write_shard"]
+__all__ = ["SHARD_FORMAT", "SHARD_VERSION", "ShardError", "ShardInfo", "count_images",
+           "inspect_shard", "read_shard", "shard_digest", "write_shard"]
 
 SHARD_FORMAT = "smsd-token-shard"
 SHARD_VERSION = 1
@@ -137,6 +139,18 @@ def inspect_shard(path: str | os.PathLike, *, head_fingerprint: str | None = Non
     path = Path(path)
     header = _public_header(path) if is_sealed(path) else _read_header(path)
     return _check(header, head_fingerprint, grid, embed_dim)
+
+
+def count_images(paths: Sequence[str | os.PathLike]) -> int:
+    """How many images the shards hold together (their headers only)."""
+    return sum(inspect_shard(path).count for path in paths)
+
+
+def shard_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the shard file as stored (header and data, sealed or not), streamed:
+    what a checkpoint records to know a resume is given the same data."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_shard(path: str | os.PathLike, *, head_fingerprint: str | None = None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..checks import positive_ints
 from ..models import ClassifierTail
@@ -89,8 +90,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch.Tensor,
                      config: FinetuneConfig, *,
                      epoch_data: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                     ) -> list[float]:
-    """Train in place; returns the mean loss of each epoch.
+                     progress: bool = False) -> list[float]:
+    """Train in place; returns the mean loss of each epoch (``progress``: a bar over the
+    epochs, on a terminal).
 
     ``epoch_data(epoch) -> (tokens, labels)``, when given, supplies each epoch's training
     set instead of ``tokens``/``labels`` (e.g. freshly augmented images); it must hold as
@@ -110,7 +112,9 @@ def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch
     gen = torch.Generator().manual_seed(config.seed)
     model.train()
     history, it = [], 0
-    for epoch in range(config.epochs):
+    bar = tqdm(range(config.epochs), desc="finetune", unit="epoch",
+               disable=None if progress else True)
+    for epoch in bar:
         if epoch_data is not None:
             tokens, labels = epoch_data(epoch)
             if tokens.shape[0] != n or labels.shape[0] != n:
@@ -129,6 +133,8 @@ def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch
             total += loss.item() * len(batch)
             it += 1
         history.append(total / n)
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    bar.close()
     model.body.requires_grad_(True)
     model.eval()
     return history
