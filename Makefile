@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.6.0
 STAMP  := $(VENV)/.smsd-installed
 
-.PHONY: setup test test-numerics audit-quick demo bench check lint wheel wheels wheel-mismatch clean
+.PHONY: setup test test-numerics audit-quick mutants mutants-fast demo bench check lint wheel wheels wheel-mismatch clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ test-numerics: setup
 	  out=$$(env $$e $(PY) -c "$(CHECK_WITHOUT_ONEDNN)") || { echo "$$out"; exit 1; }; \
 	  echo "$$out" | tail -n 1; \
 	done
+
+# Planted bugs the suite must kill (tests/mutants/catalog.py; docs/testing.md): each is
+# applied to a copy of the tree and its tests run there; fails unless every one is killed.
+mutants: setup
+	$(PY) tests/mutants/run.py
+
+mutants-fast: setup
+	$(PY) tests/mutants/run.py --fast
 
 demo: setup
 	$(VENV)/bin/smsd simulate --out demo-out

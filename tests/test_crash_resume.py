@@ -104,6 +104,79 @@ def test_corrupt_latest_falls_back_to_previous(shard, uninterrupted, tmp_path, d
         {k: v for k, v in r.items() if k != "seconds"} for r in uninterrupted[0]]
 
 
+# ------------------------------------------------- resume does what it says
+def _count_steps(monkeypatch) -> list[int]:
+    """Counts the optimizer steps the next runs take."""
+    from smsd.protocol import distill
+
+    calls, original = [], distill.DistillStep.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(distill.DistillStep, "__call__", counted)
+    return calls
+
+
+def test_resume_takes_only_the_steps_left(shard, tmp_path, monkeypatch):
+    """Training is deterministic from the seed, so a resume that silently restarted from
+    step 0 would still end with the uninterrupted body: count the steps instead."""
+    steps = _count_steps(monkeypatch)
+    _server().pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
+    assert len(steps) == 2  # epoch 0: 20 images, batch 8
+    (_, latest), (mid, _) = checkpoint_paths(tmp_path)
+    latest.unlink()  # resume from the mid-epoch checkpoint: after step 1 of epoch 0
+    steps.clear()
+    server = _server()
+    server.pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+    assert len(steps) == 2 * TRAIN.epochs - mid == 3
+    assert [r["epoch"] for r in server.history] == [0, 1]
+
+
+def _altered(tensors: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    tensors = dict(tensors)
+    if part == "rng/generator":  # another valid generator state
+        tensors[part] = torch.Generator().manual_seed(12345).get_state()
+        return tensors
+    if part == "data/order":
+        tensors[part] = tensors[part].roll(1)
+        return tensors
+    names = [k for k in tensors if k.startswith(part) and tensors[k].is_floating_point()]
+    assert names, part
+    for name in names:  # AdamW's moments scaled (the second must stay >= 0), others moved
+        value = tensors[name]
+        tensors[name] = value * 1.5 if part == "optimizer/" else (
+            value + 0.05 * torch.randn_like(value))
+    return tensors
+
+
+@pytest.mark.parametrize("part", ["student/", "teacher/", "loss/center", "optimizer/",
+                                  "rng/generator", "data/order"])
+def test_what_the_checkpoint_holds_is_what_the_resume_uses(shard, uninterrupted, tmp_path,
+                                                          part):
+    """Alter one part of a mid-epoch checkpoint: the resumed body must differ from the
+    uninterrupted one (a resume that ignored that part would reproduce it exactly)."""
+    _server().pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
+    (_, latest), (mid, path) = checkpoint_paths(tmp_path)
+    latest.unlink()
+    state, tensors = load_checkpoint(path)
+    save_checkpoint(tmp_path, mid, _altered(tensors, part), state)
+    body = _server().pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+    changed = [name for name, value in body.state_dict().items()
+               if not torch.equal(value, uninterrupted[1][name])]
+    assert changed, f"altering {part} in the checkpoint did not change the resumed run"
+
+
+def test_resume_continues_the_history(shard, tmp_path):
+    """The epochs logged before the interruption come back from the checkpoint."""
+    first = _server()
+    first.pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
+    resumed = _server()
+    resumed.pretrain([shard], work_dir=tmp_path, resume=True, progress=False)
+    assert resumed.history[0] == first.history[0] and len(resumed.history) == TRAIN.epochs
+
+
 def test_no_readable_checkpoint_is_an_error(shard, tmp_path):
     _server().pretrain([shard], work_dir=tmp_path, stop_after=1, progress=False)
     for _, path in checkpoint_paths(tmp_path):

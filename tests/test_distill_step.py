@@ -215,3 +215,27 @@ def test_pack_views_errors():
         pack_views(x, [torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long)])
     with pytest.raises(ValueError, match="x must be"):
         pack_views(x[0], [torch.zeros(2, 3, dtype=torch.long)])
+
+
+@pytest.mark.parametrize("path", ["plain", "all"])
+def test_one_step_is_sgd_then_the_ema_of_the_teacher(path):
+    """After one step: student = student - lr * grad, then teacher = m * teacher +
+    (1 - m) * student, checked against a copy taken before the step."""
+    student, teacher = make_models()
+    before = copy.deepcopy(teacher.state_dict())
+    loss_fn = DINOLoss(OUT_DIM, len(KEEP), 0.04, 0.07, 2, 3)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    options = {"packed": False} if path == "plain" else FAST_PATHS["all"]
+    step = DistillStep(student, teacher, loss_fn, optimizer, **options)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, CONFIG.n_tokens, CONFIG.embed_dim, generator=gen)
+    views = sample_views(3, CONFIG.n_tokens, KEEP, generator=gen)
+    momentum = 0.9
+    step(x, views, StepSchedule(epoch=1, lr=0.1, weight_decay=0.0, momentum=momentum,
+                                freeze_last_layer=False))
+    moved = 0
+    for name, value in teacher.state_dict().items():
+        expected = momentum * before[name] + (1 - momentum) * student.state_dict()[name]
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=name)
+        moved += not torch.equal(value, before[name])
+    assert moved > 0, "the teacher did not move"

@@ -37,8 +37,11 @@ def one_ddp_step(rank: int, options: dict) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(10 + rank)  # each rank its own images and views
     x = torch.randn(3, config.n_tokens, 32, generator=gen)
     views = sample_views(3, config.n_tokens, [0.5, 0.5] + [0.2] * 4, generator=gen)
+    before = [t.detach().clone() for t in student.state_dict().values()]
     step(x, views, StepSchedule(epoch=0, lr=0.1, weight_decay=0.0, momentum=0.9))
-    return [t.detach().clone() for t in [*student.state_dict().values(), loss_fn.center]]
+    after = [t.detach().clone() for t in student.state_dict().values()]
+    assert sum(not torch.equal(a, b) for a, b in zip(before, after, strict=True)) > len(after) // 2
+    return [*after, loss_fn.center.detach().clone()]
 
 
 def worker(rank: int, store: str) -> None:
@@ -49,9 +52,11 @@ def worker(rank: int, store: str) -> None:
         plain = one_ddp_step(rank, dict(packed=False))
         for a, b in zip(fast, plain, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        # the averaged gradients made both ranks' students identical
-        gathered = [torch.empty_like(fast[0]) for _ in range(WORLD)]
-        dist.all_gather(gathered, fast[0])
+        # The averaged gradients made both ranks' students identical, in every tensor
+        # (weights of every block, the head, the center), and the step moved them.
+        flat = torch.cat([t.flatten() for t in fast])
+        gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+        dist.all_gather(gathered, flat)
         assert torch.equal(gathered[0], gathered[1])
     finally:
         dist.destroy_process_group()

@@ -98,3 +98,17 @@ def test_cli_refuses_a_readable_key(tmp_path, folder, capsys):
         err = capsys.readouterr().err
         assert f"chmod 600 {key}" in err and "Traceback" not in err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_repr_and_str_depend_on_no_byte_of_the_secret():
+    """Flip any one byte of a key: its repr changes only in the fingerprint (a hash), so
+    not one byte of the secret is shown, in any encoding."""
+    base = PermutationKey.generate()
+    shown = repr(base).replace(base.fingerprint, "")
+    for i in range(len(base._secret)):
+        flipped = bytearray(base._secret)
+        flipped[i] ^= 0xFF
+        other = PermutationKey(bytes(flipped))
+        assert other.fingerprint != base.fingerprint
+        assert repr(other).replace(other.fingerprint, "") == shown, f"byte {i} shows"
+        assert str(other).replace(other.fingerprint, "") == shown

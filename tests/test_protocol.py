@@ -26,6 +26,7 @@ from smsd.protocol import (
     save_body,
 )
 from smsd.protocol.schedules import cosine_schedule
+from smsd.protocol.shard import inspect_shard
 
 MODEL = vit_tiny(patch_size=4, img_size=16, in_chans=1, embed_dim=16, depth=1, num_heads=2)
 TRAIN = PretrainConfig(epochs=2, batch_size=8, out_dim=32, hidden_dim=16, bottleneck_dim=8,
@@ -58,6 +59,18 @@ def test_shard_holds_permuted_head_tokens(shard, key):
     restored = torch.gather(tokens.float(), 1, inv[..., None].expand(-1, -1, 16))
     torch.testing.assert_close(restored, client.tokens(images), rtol=1e-3, atol=1e-3)
     assert not torch.allclose(tokens.float(), client.tokens(images), atol=1e-2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("grid", 8, "has a 4×4 grid, the model has 8×8"),
+    ("embed_dim", 32, "has embed_dim 16, the model has 32"),
+    ("head_fingerprint", "0" * 64, "different head"),
+])
+def test_shard_of_another_model_is_refused(shard, field, value, message):
+    path, _ = shard
+    for read in (read_shard, inspect_shard):
+        with pytest.raises(ShardError, match=message):
+            read(path, **{field: value})
 
 
 def test_shard_metadata_reveals_no_secret(shard, key):

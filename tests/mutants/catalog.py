@@ -1,0 +1,115 @@
+"""Planted bugs the suite must kill: one per invariant the project relies on.
+
+Each :class:`Mutant` replaces one exact snippet of one file (it must occur once: a
+catalog entry that no longer applies is an error, not a pass) and names the tests that
+must then fail. ``fast`` mutants run in CI (``make mutants-fast``); ``make mutants`` runs
+all. C++ kernels (``csrc/``) are not mutated here: each would cost a rebuild of ``smsd._C``;
+their invariants are covered through the same tests by the ``cpp`` backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MUTANTS", "Mutant"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    invariant: str
+    path: str
+    find: str
+    replace: str
+    tests: tuple[str, ...]
+    fast: bool = False
+
+
+RESUME_TESTS = ("tests/test_crash_resume.py", "-k",
+                "steps_left or checkpoint_holds or continues_the_history or falls_back")
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ------------------------------------------------------------ resume
+    Mutant("resume-loads-nothing", "a resume restores the whole run, not a fresh one",
+           "smsd/protocol/run_state.py",
+           "    _check_compatible(path, state, model_config, train_config, n_images, shards)\n",
+           "    _check_compatible(path, state, model_config, train_config, n_images, shards)\n"
+           "    return Position(), []\n", RESUME_TESTS, fast=True),
+    Mutant("resume-skips-weights", "a resume restores student, teacher and center",
+           "smsd/protocol/run_state.py",
+           "            module.load_state_dict(_with_prefix(tensors, prefix))",
+           "            pass", RESUME_TESTS),
+    Mutant("resume-skips-optimizer", "a resume restores AdamW's moments",
+           "smsd/protocol/run_state.py",
+           '        load_optimizer(run.optimizer, tensors, state["optimizer"])',
+           "        pass", RESUME_TESTS, fast=True),
+    Mutant("resume-skips-rng", "a resume restores the run's generator (views, order)",
+           "smsd/protocol/run_state.py",
+           '        run.gen.set_state(tensors["rng/generator"])',
+           "        pass", RESUME_TESTS),
+    Mutant("resume-restarts-position", "a resume continues at the stored data position",
+           "smsd/protocol/run_state.py",
+           "    return position, history\n",
+           "    return Position(), history\n", RESUME_TESTS),
+    Mutant("resume-ignores-shard-digests", "a resume refuses other shards of the same size",
+           "smsd/protocol/run_state.py",
+           '    _check_shards(path, state.get("shards"), shards)\n', "",
+           ("tests/test_cli_trust.py", "-k", "other_data"), fast=True),
+    Mutant("checkpoint-checksum-unchecked", "a corrupt checkpoint that still parses is skipped",
+           "smsd/protocol/checkpoint.py",
+           '    if meta.get("sha256") != _digest(tensors):', "    if False:",
+           ("tests/test_crash_resume.py", "-k", "falls_back")),
+    # ----------------------------------------------------------- training
+    Mutant("ema-skipped", "the teacher is the EMA of the student",
+           "smsd/protocol/distill.py",
+           "            torch._foreach_lerp_(self._teacher_params, self._student_params,\n"
+           "                                 1.0 - schedule.momentum)",
+           "            pass", ("tests/test_distill_step.py", "-k", "ema"), fast=True),
+    Mutant("center-momentum-off", "DINO's center moves with momentum m, not m + 0.01",
+           "smsd/ops/dino_loss.py",
+           "    center.mul_(momentum).add_(batch_center, alpha=1.0 - momentum)",
+           "    center.mul_(momentum + 0.01).add_(batch_center, alpha=0.99 - momentum)",
+           ("tests/test_dino_center.py",), fast=True),
+    Mutant("reference-center-momentum-off", "the oracle's center matches DINO's formula",
+           "smsd/ops/reference.py",
+           "    center.copy_(center * momentum + batch_center * (1 - momentum))",
+           "    center.copy_(center * (momentum + 0.01) + batch_center * (0.99 - momentum))",
+           ("tests/test_dino_center.py",)),
+    # --------------------------------------------------- Triton kernels
+    Mutant("triton-dino-no-rescale", "the online log-sum-exp rescales across blocks (K > 4096)",
+           "kernels/dino_loss.py",
+           "        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)",
+           "        d = d + tl.sum(tl.exp(x - m_new), axis=0)",
+           ("tests/test_dino_loss.py", "-k", "triton and (4097 or 8193)"), fast=True),
+    Mutant("triton-dino-column-mask", "the teacher kernel's last column is read",
+           "kernels/dino_loss.py",
+           "    col_ok = cols < K\n    center = tl.load(c_ptr + cols",
+           "    col_ok = cols < K - 1\n    center = tl.load(c_ptr + cols",
+           ("tests/test_dino_loss.py", "-k", "triton")),
+    Mutant("triton-gather-column-mask", "masked_sample copies every column",
+           "kernels/masked_sample.py",
+           "    mask = row_ok[:, None] & (cols < D)[None, :]",
+           "    mask = row_ok[:, None] & (cols < D - 1)[None, :]",
+           ("tests/test_masked_sample.py", "-k", "triton"), fast=True),
+    Mutant("triton-attention-forward-row-mask", "the attention forward writes every query row",
+           "kernels/attention.py",
+           "             m_i + tl.math.log2(l_i), mask=m_ok)",
+           "             m_i + tl.math.log2(l_i), mask=m_ok & (rows > 0))",
+           ("tests/test_attention.py", "-k", "triton")),
+    # ------------------------------------------------------- files, keys
+    Mutant("shard-grid-unchecked", "a shard of another grid is refused",
+           "smsd/protocol/shard.py",
+           "    if grid is not None and g != grid:", "    if False:",
+           ("tests/test_protocol.py", "-k", "another_model"), fast=True),
+    Mutant("key-byte-logged", "the key's secret never appears in a repr or log",
+           "smsd/crypto.py",
+           '        return f"PermutationKey(fingerprint={self.fingerprint})"',
+           '        return f"PermutationKey(fingerprint={self.fingerprint}, '
+           '{self._secret[:1].hex()})"',
+           ("tests/test_key_secrecy.py", "-k", "repr"), fast=True),
+    Mutant("dp-clip-skipped", "DP-SGD clips each image's gradient",
+           "smsd/protocol/private_step.py",
+           "                scale = (cfg.clip / (norm + 1e-12)).clamp(max=1.0)",
+           "                scale = torch.ones_like(norm)",
+           ("tests/test_private_pretrain.py",)),
+)
