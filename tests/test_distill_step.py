@@ -239,3 +239,17 @@ def test_one_step_is_sgd_then_the_ema_of_the_teacher(path):
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=name)
         moved += not torch.equal(value, before[name])
     assert moved > 0, "the teacher did not move"
+
+
+def test_the_step_keeps_its_dino_term_apart_from_koleo():
+    """A collapse watch reads the DINO term (ln K when uniform); KoLeo adds to the loss."""
+    student, teacher = make_models()
+    loss_fn = DINOLoss(OUT_DIM, len(KEEP), 0.04, 0.07, 2, 3)
+    step = DistillStep(student, teacher, loss_fn, torch.optim.SGD(student.parameters(), lr=0.1),
+                       packed=False, koleo_weight=0.5)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, CONFIG.n_tokens, CONFIG.embed_dim, generator=gen)
+    loss = step(x, sample_views(3, CONFIG.n_tokens, KEEP, generator=gen),
+                StepSchedule(epoch=1, lr=0.1, weight_decay=0.0, momentum=0.9))
+    assert step.dino_loss is not None and step.dino_loss.ndim == 0
+    assert float(step.dino_loss) != float(loss)

@@ -226,6 +226,7 @@ class DistillStep:
         self.optimizer = optimizer
         self.packed = packed
         self.koleo_weight = koleo_weight
+        self.dino_loss: torch.Tensor | None = None  # the last step's DINO term (detached)
         self.clip_grad = clip_grad
         self.autocast_dtype = autocast_dtype
         self.fused_gather = fused_gather
@@ -284,6 +285,7 @@ class DistillStep:
             else:
                 loss = self.loss_fn(student_out.logits.float(), teacher_out.logits.float(),
                                     schedule.epoch)
+            self.dino_loss = loss.detach()  # without KoLeo: what a collapse watch reads
             if self.koleo_weight:
                 # As in DINOv2: on the CLS features of each global view separately.
                 loss = loss + self.koleo_weight * sum(

@@ -248,7 +248,9 @@ class Server:
                                         f"step {step}; lower lr")
                 position.losses.append(loss)
                 position.step = step + 1
-                alarm = watch.update(it, loss)
+                # The DINO term alone (KoLeo adds to a collapsed loss): ln K when uniform.
+                dino = getattr(step_fn, "dino_loss", None)
+                alarm = watch.update(it, loss if dino is None else float(dino))
                 if alarm and ranks.is_main:
                     bar.write(f"pretrain: warning: {alarm}", file=sys.stderr)
                 bar.update(1)

@@ -3,8 +3,9 @@
 DINO-style self-distillation fails quietly: the student and the teacher agree on a
 *uniform* output (the loss then sits at ``ln K`` for a ``K``-dimensional head) or on a
 *single* dimension (the loss goes to 0); either way the body learns nothing, and the loss
-curve looks calm. :class:`CollapseWatch` sees both from the loss alone; :func:`warmup_warning`
-sees a schedule that never leaves its warm-up.
+curve looks calm. :class:`CollapseWatch` sees both from the DINO term of the loss alone
+(KoLeo, when on, adds to it: a collapsed run with KoLeo 1.0 measured 7.34 for ln K = 6.93);
+:func:`warmup_warning` sees a schedule that never leaves its warm-up.
 """
 
 from __future__ import annotations
