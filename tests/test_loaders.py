@@ -146,6 +146,34 @@ def test_finetune_mode_shuffles_and_augments_reproducibly(folder):
     assert torch.equal(again.labels, torch.from_numpy(source.labels)[again.indices])
 
 
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_augmentation_changes_images_within_its_documented_ranges(loader):
+    """A flat gray image (0.5) through crop scale 1, contrast 0 and brightness ±0.2: every
+    pixel becomes b × 0.5, normalized (x − 0.5) / 0.5 = b − 1, with b drawn in [0.8, 1.2];
+    a left-to-right ramp with flip probability 1 comes out mirrored."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    n, size = 64, 8
+    gray = ImageSource.from_arrays(np.full((n, size, size), 0.5, np.float32), [0] * n)
+    spec = dict(img_size=size, in_chans=1, mode="finetune", loader=loader, batch_size=16,
+                seed=1)
+    flat = Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, brightness=0.2, contrast=0.0)
+    images = collect(make_loader(gray, augment=flat, **spec)).images
+    per_image = images.flatten(1)
+    # One brightness per image: all its pixels equal (fp32 resize of a constant).
+    assert (per_image.max(1).values - per_image.min(1).values).max() < 1e-5
+    shifts = per_image.mean(1)
+    assert shifts.min() >= -0.2 - 1e-5 and shifts.max() <= 0.2 + 1e-5
+    assert shifts.max() - shifts.min() > 0.2, "brightness barely varies over 64 draws"
+    ramp = np.tile(np.linspace(0.0, 1.0, size, dtype=np.float32), (4, size, 1))
+    mirrored = Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=1.0, brightness=0.0,
+                       contrast=0.0)
+    out = collect(make_loader(ImageSource.from_arrays(ramp, [0] * 4), augment=mirrored,
+                              **spec)).images
+    expected = torch.from_numpy(ramp[:, None, :, ::-1].copy()) * 2 - 1
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
 def test_in_memory_arrays(folder):
     digits = pytest.importorskip("sklearn.datasets").load_digits()
     source = ImageSource.from_arrays(digits.images[:50] / 16.0, digits.target[:50])

@@ -1,9 +1,10 @@
 """NVIDIA DALI pipelines for the client: encoding, fine-tuning and evaluation.
 
 PNG/JPEG folders are read by ``fn.readers.file`` and decoded by DALI (``mixed`` on a
-GPU, ``cpu`` in CPU-only mode, ``device_id=None``). DICOM files (decoded and windowed by
-pydicom, :func:`smsd.data.folder.read_pixels`) and in-memory arrays come in through
-``fn.external_source`` as fp32 in [0, 1]. Then, as in :mod:`smsd.data.transforms`:
+GPU, ``cpu`` in CPU-only mode, ``device_id=None``) once :mod:`.image_check` has checked
+their structure (DALI 2.4 can crash on a file its parser rejects). DICOM files (decoded
+and windowed by pydicom, :func:`smsd.data.folder.read_pixels`) and in-memory arrays come
+in through ``fn.external_source`` as fp32 in [0, 1]. Then, as in :mod:`smsd.data.transforms`:
 resize the shorter side (linear, antialiased) and center-crop, or the fine-tuning
 augmentations; gray → model channels; normalize to [-1, 1]; CHW fp32/fp16 batches.
 """
@@ -11,6 +12,7 @@ augmentations; gray → model channels; normalize to [-1, 1]; CHW fp32/fp16 batc
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from .folder import DataError, read_pixels
+from .image_check import check_encoded_images
 from .loader_spec import Batch, LoaderSpec
 from .source import ImageSource, shard_range
 from .transforms import MEAN, STD, channels_last
@@ -35,6 +38,14 @@ except ImportError as exc:  # the loaders module reports this; importing here is
         from exc
 
 _READER = "reader"
+# The decoder's message for an image it parsed but could not decode names its file.
+_FAILED_SAMPLE = re.compile(r"Failed to decode sample #\d+ : (.+)$", re.MULTILINE)
+
+
+def _factor(spread: float):
+    """A factor drawn from ``1 ± spread``; exactly 1 for no spread (DALI's uniform refuses
+    the empty range [1, 1))."""
+    return fn.random.uniform(range=(1 - spread, 1 + spread)) if spread else 1.0
 
 
 def _transform(images, spec: LoaderSpec, value_range: float):
@@ -50,8 +61,7 @@ def _transform(images, spec: LoaderSpec, value_range: float):
         if value_range != 1:
             images = images * (1 / value_range)
         images = fn.brightness_contrast(
-            images, brightness=fn.random.uniform(range=(1 - aug.brightness, 1 + aug.brightness)),
-            contrast=fn.random.uniform(range=(1 - aug.contrast, 1 + aug.contrast)),
+            images, brightness=_factor(aug.brightness), contrast=_factor(aug.contrast),
             contrast_center=0.5)
         if aug.blur_sigma is not None:
             images = fn.gaussian_blur(images, sigma=fn.random.uniform(range=aug.blur_sigma))
@@ -138,8 +148,7 @@ class DaliLoader:
         self.name = "dali-gpu" if spec.cuda else "dali-cpu"
         self._labels = torch.from_numpy(source.labels)
         device_id = (torch.device(spec.device).index or 0) if spec.cuda else None
-        # A batch larger than the shard only repeats padding; DALI 2.4 also segfaults
-        # when such a batch meets a decoding error, so the batch is capped.
+        # A batch larger than the shard only repeats padding, so the batch is capped.
         batch_size = max(1, min(spec.batch_size, len(self.shard)))
         common = dict(batch_size=batch_size, num_threads=spec.num_threads,
                       device_id=device_id, seed=spec.seed, spec=spec,
@@ -147,7 +156,11 @@ class DaliLoader:
         policy = (LastBatchPolicy.DROP if spec.last_batch == "drop"
                   else LastBatchPolicy.PARTIAL)
         self._callback: _DecodedSource | None = None
+        # DALI's pipeline is no longer valid after an error: later iterations raise it.
+        self._error: Exception | None = None
         if source.encoded:
+            # Before DALI sees them: a file its parser rejects can crash DALI 2.4.
+            check_encoded_images(source.files[i] for i in self.shard)
             pipe = file_pipeline(files=[str(f) for f in source.files], **common)
             self._iterator = DALIGenericIterator(
                 pipe, ["images", "index"], reader_name=_READER, last_batch_policy=policy,
@@ -168,6 +181,8 @@ class DaliLoader:
         return self.spec.num_batches(len(self.shard))
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._error is not None:  # the pipeline failed: never run it again
+            raise self._error.with_traceback(None)
         if len(self) == 0:  # "drop" with fewer images than one batch
             return
         finished = False
@@ -178,26 +193,43 @@ class DaliLoader:
             finished = True
         except RuntimeError as exc:
             finished = True
-            raise self._data_error(exc) from None
+            self._error = self._data_error(exc)
+            raise self._error from None
         finally:
             if not finished:
-                # Left mid-epoch: DALI's iterator cannot reset there, so run it to the end
-                # and the next iteration starts a new epoch, as the torch loader's does.
-                for _ in self._iterator:
-                    pass
+                self._finish_epoch()
+
+    def _finish_epoch(self) -> None:
+        """Left mid-epoch: DALI's iterator cannot reset there, so run it to the end and
+        the next iteration starts a new epoch, as the torch loader's does. An error on
+        the way is kept for the next iteration (the consumer has stopped reading)."""
+        try:
+            for _ in self._iterator:
+                pass
+        except RuntimeError as exc:
+            self._error = self._data_error(exc)
 
     def _data_error(self, exc: RuntimeError) -> Exception:
-        """Name the file DALI could not read: the host decoder finds it."""
-        if self._callback is not None and self._callback.error is not None:
-            return self._callback.error
-        # DALI's message names the operator, not the file; its cause follows "encountered:".
-        lines = [line for line in str(exc).splitlines() if line.strip()]
+        """Name the file DALI could not read: DALI's message names it, or the host
+        decoder finds it. A failure of another operator is DALI's own: ``exc``."""
+        if self._callback is not None:  # host decoding's error (with its type), or DALI's
+            return self._callback.error or exc
+        text = str(exc)
+        if "fn.decoders.image" not in text and "fn.readers.file" not in text:
+            return exc
+        # DALI's message names the operator; its cause follows "encountered:".
+        lines = [line for line in text.splitlines() if line.strip()]
         cause = next((after for before, after in pairwise(lines)
                       if before.strip() == "encountered:"), lines[0] if lines else "")
-        for i in self.shard:
+        files = [self.source.files[i] for i in self.shard]
+        match = _FAILED_SAMPLE.search(cause)
+        named = [f for f in files if match and str(f) == match[1]]
+        for path in named or files:  # the host decoder says why
             try:
-                read_pixels(self.source.files[i])
+                read_pixels(path)
             except DataError as bad:
                 return DataError(f"{bad} (DALI: {cause})")
+        if named:
+            return DataError(f"DALI could not decode image {named[0]}: {cause}")
         return DataError(f"DALI could not read one of the images under "
-                         f"{self.source.files[self.shard[0]].parent.parent}: {cause}")
+                         f"{files[0].parent.parent}: {cause}")
