@@ -88,7 +88,8 @@ def test_bad_shapes():
 
 def test_loads_into_timm_if_available():
     timm_vit = pytest.importorskip("timm.models.vision_transformer",
-                                   reason="timm is not installed here")
+                                   reason="no timm here (CI cannot import it: no CPU "
+                                   "torchvision); tests/test_timm_reference.py covers this")
     theirs = timm_vit.Attention(64, num_heads=2, qkv_bias=True).eval()
     ours = Attention(64, num_heads=2)
     ours.load_state_dict(theirs.state_dict())

@@ -96,6 +96,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "             m_i + tl.math.log2(l_i), mask=m_ok)",
            "             m_i + tl.math.log2(l_i), mask=m_ok & (rows > 0))",
            ("tests/test_attention.py", "-k", "triton")),
+    # ------------------------------------------------------------ models
+    Mutant("vit-tanh-gelu", "the body's MLP is timm's exact GELU", "smsd/models/vit.py",
+           "        self.act = nn.GELU()", '        self.act = nn.GELU(approximate="tanh")',
+           ("tests/test_timm_reference.py", "-k", "torch")),
+    Mutant("vit-norm-eps", "the blocks' LayerNorm eps is timm's 1e-6", "smsd/models/vit.py",
+           "        self.norm1 = nn.LayerNorm(dim, eps=1e-6)",
+           "        self.norm1 = nn.LayerNorm(dim)",
+           ("tests/test_timm_reference.py", "-k", "torch"), fast=True),
     # ------------------------------------------------------- files, keys
     Mutant("shard-grid-unchecked", "a shard of another grid is refused",
            "smsd/protocol/shard.py",
