@@ -5,7 +5,8 @@
 The first byte of an input picks the loader, the rest is the file. An empty corpus is
 seeded with one valid file per loader, which libFuzzer then mutates. Any exception but
 the loader's own ``SmsdError`` is a crash (non-zero exit, input saved as ``crash-*``
-under ``-artifact_prefix``);
+under ``-artifact_prefix``), and so is a file the loader accepts that an independent
+decoder rejects or reads differently (``fuzz_files.assert_matches_reference``);
 the address space is capped so that a header lying about a huge tensor cannot be
 allocated quietly, and ``-timeout`` catches hangs. ``tests/test_fuzz_loaders_atheris.py``
 runs this in a subprocess and reports the run count.
@@ -26,7 +27,7 @@ import safetensors  # noqa: F401
 import torch  # noqa: F401
 
 with atheris.instrument_imports(include=["smsd", "fuzz_files"]):
-    from fuzz_files import LOADERS, make_valid_files
+    from fuzz_files import LOADERS, assert_matches_reference, make_valid_files
 
 NAMES = sorted(LOADERS)
 SCRATCH = Path(tempfile.mkdtemp(prefix="smsd-atheris-"))
@@ -50,10 +51,12 @@ def test_one_input(data: bytes) -> None:
     loader = LOADERS[NAMES[data[0] % len(NAMES)]]
     TARGET.write_bytes(data[1:])
     try:
-        loader.load(TARGET)
+        result = loader.load(TARGET)
     except loader.error as exc:
         if str(TARGET) not in str(exc):
             raise AssertionError(f"{loader.name}: message does not name the file: {exc}") from exc
+        return
+    assert_matches_reference(loader, data[1:], result)
 
 
 def _seed(corpus: Path) -> None:

@@ -6,7 +6,10 @@ before smsd (which imports kernels lazily) is imported by any test module.
 
 from __future__ import annotations
 
+import importlib
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -69,8 +72,49 @@ def run_without_interpreter(*args: str, timeout: float = 300) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-# Fuzz tests report how many cases they ran; the totals close the test output.
+# ------------------------------------------------------------------ fuzz targets
+# Fuzz tests report how many cases they ran (``fuzz_count``); the totals close the test
+# output. Every family ("kind" before " (" in the name) is declared here with the test
+# file that runs it, the engine that file needs and the cases a full run must reach.
+# With SMSD_REQUIRE_FUZZ=1 (``make test``) the session fails when a family whose test
+# file lies under the paths pytest was given ran fewer cases than its target, however
+# that happened: an engine missing (importorskip), tests skipped or deselected (-k, -m,
+# --deselect, --ignore), fewer examples (SMSD_FUZZ_EXAMPLES, SMSD_ATHERIS_RUNS); and
+# when a count is recorded under a name not declared here. Only naming fewer paths
+# narrows what is enforced. Without it, a shortfall is a warning (docs/security.md).
 FUZZ_COUNTS = pytest.StashKey[dict]()
+FUZZ_REPORT = pytest.StashKey[tuple]()
+
+
+def _require_fuzz() -> bool:
+    return os.environ.get("SMSD_REQUIRE_FUZZ", "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class FuzzFamily:
+    file: str  # the test file under tests/ that runs it
+    engine: str | None  # the module its tests need
+    target: int  # cases a full run must reach
+
+
+_LOADERS, _EXAMPLES = 6, 60  # tests/fuzz_files.py LOADERS, SMSD_FUZZ_EXAMPLES default
+FUZZ_FAMILIES: dict[str, FuzzFamily] = {
+    **{f"hypothesis {kind}": FuzzFamily("test_fuzz_loaders.py", "hypothesis",
+                                        _LOADERS * _EXAMPLES)
+       for kind in ("truncated", "flipped bytes", "lying header size", "lying dtype",
+                    "lying shape", "lying data_offsets", "huge shape", "nan/inf payload",
+                    "arbitrary header", "random bytes")},
+    "hypothesis dtype/metadata": FuzzFamily("test_fuzz_loaders.py", "hypothesis",
+                                            3 * _EXAMPLES),
+    # every digit and dtype character of each valid file's header (9,734 today)
+    "exhaustive flipped header bytes": FuzzFamily("test_fuzz_loaders.py", "hypothesis", 9700),
+    **{f"hypothesis sealed {kind}": FuzzFamily("test_fuzz_sealed.py", "hypothesis",
+                                               2 * _EXAMPLES)
+       for kind in ("flipped bytes", "truncated/extended", "random bytes")},
+    "atheris libFuzzer inputs": FuzzFamily("test_fuzz_loaders_atheris.py", "atheris", 3000),
+    "CLI broken files": FuzzFamily("test_fuzz_cli.py", None, 3 * 16),
+    "CLI processes": FuzzFamily("test_fuzz_cli.py", None, 3),
+}
 
 
 @pytest.fixture
@@ -83,6 +127,68 @@ def fuzz_count(request):
         request.node.user_properties.append((f"fuzz cases: {name}", n))
 
     return record
+
+
+SKIPPED_MODULES: set[str] = set()  # test files skipped whole at collection
+
+
+def pytest_sessionstart(session) -> None:
+    SKIPPED_MODULES.clear()
+
+
+def pytest_collectreport(report) -> None:
+    if report.skipped:  # e.g. by importorskip of its engine
+        SKIPPED_MODULES.add(Path(report.nodeid.split("::")[0]).name)
+
+
+def _missing(engine: str) -> str | None:
+    try:
+        importlib.import_module(engine)
+    except Exception as exc:  # ImportError, or an install that fails to import
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _under_given_paths(config, file: Path) -> bool:
+    for arg in config.args:
+        given = Path(config.invocation_params.dir, arg.split("::")[0]).resolve()
+        if file == given or given in file.parents:
+            return True
+    return False
+
+
+def pytest_sessionfinish(session) -> None:
+    config, require = session.config, _require_fuzz()
+    if config.option.collectonly:
+        return
+    totals: dict[str, int] = {}
+    for name, n in config.stash.get(FUZZ_COUNTS, {}).items():
+        kind = name.partition(" (")[0]
+        totals[kind] = totals.get(kind, 0) + n
+    tests = Path(__file__).resolve().parent
+    ran_files = {item.path.name for item in getattr(session, "items", [])}
+    ran_files |= SKIPPED_MODULES
+    problems = []
+    for name, family in FUZZ_FAMILIES.items():
+        if require:
+            if not _under_given_paths(config, tests / family.file):
+                continue
+        elif family.file not in ran_files:
+            continue
+        ran = totals.get(name, 0)
+        missing = family.engine and _missing(family.engine)
+        if ran >= family.target or not (require or missing or ran):
+            continue  # (without SMSD_REQUIRE_FUZZ, a family deselected entirely is quiet)
+        why = f"; fuzz engine {family.engine} is missing ({missing})" if missing else ""
+        problems.append(f"{name}: {ran} cases, target {family.target} "
+                        f"(tests/{family.file}){why}")
+    problems += [f"{kind}: {n} cases under a name with no target in tests/conftest.py "
+                 "FUZZ_FAMILIES" for kind, n in sorted(totals.items())
+                 if kind not in FUZZ_FAMILIES]
+    config.stash[FUZZ_REPORT] = (require, tuple(problems))
+    if require and problems and session.exitstatus in (pytest.ExitCode.OK,
+                                                            pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:
@@ -98,3 +204,13 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
             detail = ", ".join(f"{t} {n}" for t, n in sorted(parts.items()) if t)
             terminalreporter.write_line(f"{kind:<40}{sum(parts.values()):>8}  {detail}")
         terminalreporter.write_line(f"{'total':<40}{sum(counts.values()):>8}")
+    require, problems = config.stash.get(FUZZ_REPORT, (False, ()))
+    if problems:
+        if require:
+            terminalreporter.section("fuzz targets not met (SMSD_REQUIRE_FUZZ=1): the run "
+                                     "FAILS", sep="!", red=True)
+        else:
+            terminalreporter.section("fuzz targets not met (a warning; make test sets "
+                                     "SMSD_REQUIRE_FUZZ=1 and fails)", yellow=True)
+        for line in problems:
+            terminalreporter.write_line(line, red=require, yellow=not require)

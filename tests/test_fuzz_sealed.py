@@ -1,15 +1,14 @@
 """Hostile sealed files: every corruption of a sealed shard or body fails authentication
 in the loader's own error naming the file, never another exception, and nothing is
-accepted. The cases run are counted in the "fuzz cases run" section of the test output;
-``SMSD_FUZZ_EXAMPLES`` sets the cases per corruption and file kind (default 60)."""
+accepted. The cases run are counted in the "fuzz cases run" section of the test output
+(``make test`` fails below the targets in ``tests/conftest.py``); ``SMSD_FUZZ_EXAMPLES``
+sets the cases per corruption and file kind (default 60)."""
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
-
 import pytest
 import torch
+from fuzz_files import run_cases
 
 from smsd.models import ViTBody, ViTConfig
 from smsd.protocol.body_io import BodyFileError, load_body, save_body
@@ -19,10 +18,6 @@ from smsd.sealing import RecipientPrivateKey
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
-EXAMPLES = int(os.environ.get("SMSD_FUZZ_EXAMPLES", "60"))
-SETTINGS = hypothesis.settings(max_examples=EXAMPLES, database=None,
-                               deadline=timedelta(seconds=10),
-                               suppress_health_check=list(hypothesis.HealthCheck))
 KEY = RecipientPrivateKey.generate("server")
 CONFIG = ViTConfig(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2,
                    mlp_ratio=2.0)
@@ -55,21 +50,6 @@ def _must_fail(kind: str, path, data: bytes) -> None:
     assert str(path) in str(info.value)
 
 
-def _run(name: str, kind: str, strategy, body, fuzz_count) -> None:
-    ran = 0
-
-    @SETTINGS
-    @hypothesis.given(strategy)
-    def case(value) -> None:
-        nonlocal ran
-        ran += 1
-        body(value)
-
-    case()
-    assert ran >= min(EXAMPLES, 10), f"only {ran} cases ran"
-    fuzz_count(f"hypothesis {name} ({kind})", ran)
-
-
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_valid_sealed_files_load(valid, target, kind):
     target.write_bytes(valid[kind])
@@ -86,7 +66,7 @@ def test_sealed_flipped_bytes(valid, target, kind, fuzz_count):
         flipped = data[:position] + bytes([data[position] ^ mask]) + data[position + 1:]
         _must_fail(kind, target, flipped)
 
-    _run("sealed flipped bytes", kind,
+    run_cases("sealed flipped bytes", kind,
          st.tuples(st.integers(0, 10**9), st.integers(1, 255)), body, fuzz_count)
 
 
@@ -98,11 +78,11 @@ def test_sealed_truncated_or_extended(valid, target, kind, fuzz_count):
         cut, tail = args
         _must_fail(kind, target, data[:cut % len(data)] if not tail else data + tail)
 
-    _run("sealed truncated/extended", kind,
+    run_cases("sealed truncated/extended", kind,
          st.tuples(st.integers(0, 10**9), st.binary(max_size=64)), body, fuzz_count)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_sealed_random_bytes_after_the_mark(target, kind, fuzz_count):
-    _run("sealed random bytes", kind, st.binary(max_size=512),
+    run_cases("sealed random bytes", kind, st.binary(max_size=512),
          lambda b: _must_fail(kind, target, b"SMSDSEAL" + b), fuzz_count)

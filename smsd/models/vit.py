@@ -126,7 +126,10 @@ class Block(nn.Module):
 
 def _init_weights(module: nn.Module, std: float = 0.02) -> None:
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=std)
+        if std:
+            nn.init.trunc_normal_(module.weight, std=std)
+        else:  # the limit of std -> 0 (trunc_normal_ divides by std)
+            nn.init.zeros_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
