@@ -246,8 +246,10 @@ def test_simulate_quick_with_a_defence(tmp_path, capsys):
     assert recipe["noise_std"] == 0.5
     assert recipe["model"]["head_seed"] == 3 and recipe["model"]["pos_embed_scale"] == 0
     assert [r["method"] for r in result["results"]] == ["SMSD"]
-    assert main(["simulate", "--quick", "--pos-embed-scale", "-1"]) == 2
-    assert "--pos-embed-scale must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # the parser refuses it, naming the flag
+        main(["simulate", "--quick", "--pos-embed-scale", "-1"])
+    assert refused.value.code == 2
+    assert "argument --pos-embed-scale: must be a number >= 0" in capsys.readouterr().err
 
 
 def test_simulate_config_rejects_unknown_methods():
