@@ -61,7 +61,7 @@ def masked_sample_bwd_kernel(
     grad_out_ptr, order_ptr, offsets_ptr, grad_x_ptr,
     n_rows, N, K, D,
     stride_gb, stride_gk, stride_gd,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_FP64: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -71,7 +71,9 @@ def masked_sample_bwd_kernel(
     n = rows % N
     start = tl.load(offsets_ptr + b * (N + 1) + n, mask=row_ok, other=0)
     count = tl.load(offsets_ptr + b * (N + 1) + n + 1, mask=row_ok, other=0) - start
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    # fp32 sums for 16/32-bit gradients, fp64 for fp64 ones (a loop-carried fp32 sum
+    # would be promoted to fp64 by the first add, which the compiler rejects)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64 if ACC_FP64 else tl.float32)
     max_count = tl.max(count, axis=0)  # 1 without duplicate indices
     t = 0
     while t < max_count:
@@ -136,7 +138,7 @@ def masked_sample_backward(
         grad_out, order, offsets, grad_x,
         B * n_tokens, n_tokens, K, D,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        BLOCK_R=block_r, BLOCK_D=block_d,
+        BLOCK_R=block_r, BLOCK_D=block_d, ACC_FP64=grad_out.dtype == torch.float64,
         num_warps=4,
     )
     return grad_x

@@ -36,7 +36,7 @@ def check_kernels(dtype: str) -> None:
     from smsd import _kernels
 
     module = _kernels.load("masked_sample")
-    element = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    element = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}[dtype]
     block_r, block_d = module._tile(768, element)
     fwd = compile_ptx(
         module.masked_sample_fwd_kernel,
@@ -56,19 +56,22 @@ def check_kernels(dtype: str) -> None:
         {"grad_out_ptr": f"*{dtype}", "order_ptr": "*i64", "offsets_ptr": "*i64",
          "grad_x_ptr": f"*{dtype}", "n_rows": "i32", "N": "i32", "K": "i32", "D": "i32",
          "stride_gb": "i32", "stride_gk": "i32", "stride_gd": "constexpr",
-         "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-        {"stride_gd": 1, "BLOCK_R": block_r, "BLOCK_D": block_d},
+         "BLOCK_R": "constexpr", "BLOCK_D": "constexpr", "ACC_FP64": "constexpr"},
+        {"stride_gd": 1, "BLOCK_R": block_r, "BLOCK_D": block_d, "ACC_FP64": dtype == "fp64"},
         ("grad_out_ptr", "order_ptr", "offsets_ptr", "grad_x_ptr", "D", "stride_gb",
          "stride_gk"),
         num_warps=4,
     )
     for name, ptx in (("forward", fwd), ("backward", bwd)):
         assert ".local" not in ptx, f"{name} kernel spills registers"
-        assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: no 16-byte stores"
-        assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: no 16-byte loads"
+        wide = r"v2\.b64" if dtype == "fp64" else r"v4\.b32"  # 16 bytes either way
+        assert re.search(rf"st\.global(\.\w+)*\.{wide}", ptx), f"{name}: no 16-byte stores"
+        assert re.search(rf"ld\.global(\.\w+)*\.{wide}", ptx), f"{name}: no 16-byte loads"
 
 
-@pytest.mark.parametrize("dtype", ("fp32", "bf16", "fp16"))
+# fp64: the backward's sum is loop-carried, and an fp32 accumulator promoted by an fp64
+# add does not compile (the interpreter accepts it), so fp64 is compiled too
+@pytest.mark.parametrize("dtype", ("fp32", "bf16", "fp16", "fp64"))
 def test_kernels_compile_for_h100_with_wide_accesses(dtype):
     # imported here: the child process runs this file and must not import conftest,
     # which turns the Triton interpreter on

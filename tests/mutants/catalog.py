@@ -75,6 +75,21 @@ MUTANTS: tuple[Mutant, ...] = (
            "    center.copy_(center * momentum + batch_center * (1 - momentum))",
            "    center.copy_(center * (momentum + 0.01) + batch_center * (0.99 - momentum))",
            ("tests/test_dino_center.py",)),
+    Mutant("bf16-loss-off-0.1pct", "a 16-bit loss is as exact as its fp32 accumulation",
+           "smsd/ops/dino_loss.py",
+           "        return row_loss.sum() * scale, colsum",
+           "        return row_loss.sum() * scale * (1 + 1e-3 * (student.dtype == "
+           "torch.bfloat16)), colsum", ("tests/test_dino_loss.py", "-k", "bfloat16"), fast=True),
+    Mutant("bf16-grad-off-2pct", "a 16-bit loss gradient is the fp32 one, rounded once",
+           "smsd/ops/dino_loss.py",
+           "        return scale_saved_grad(grad, grad_loss), None, None, None, None, None",
+           "        return scale_saved_grad(grad, grad_loss) * (1.02 if grad.dtype == "
+           "torch.bfloat16 else 1.0), None, None, None, None, None",
+           ("tests/test_dino_loss.py", "-k", "bfloat16")),
+    Mutant("center-dropped", "the teacher softmax is centered", "smsd/ops/dino_loss.py",
+           "        center_in = center.contiguous()",
+           "        center_in = torch.zeros_like(center)",
+           ("tests/test_dino_loss.py", "-k", "4096")),
     # --------------------------------------------------- Triton kernels
     Mutant("triton-dino-no-rescale", "the online log-sum-exp rescales across blocks (K > 4096)",
            "kernels/dino_loss.py",
