@@ -176,12 +176,12 @@ def add_loader_arg(p: argparse.ArgumentParser) -> None:
                    "auto = DALI when it imports (the choice is logged)")
 
 
-def folder_loader(args: argparse.Namespace, config, mode: str = "eval"):
-    """A loader over ``args.data`` in the model's image size and channels."""
-    from ..data import ImageSource, make_loader
+def folder_loader(args: argparse.Namespace, source, config, mode: str = "eval"):
+    """A ``--loader`` loader over ``source`` in the model's image size and channels."""
+    from ..data import make_loader
 
-    return make_loader(ImageSource.from_folder(args.data), img_size=config.img_size,
-                       in_chans=config.in_chans, mode=mode, loader=args.loader)
+    return make_loader(source, img_size=config.img_size, in_chans=config.in_chans,
+                       mode=mode, loader=args.loader)
 
 
 def add_dp_args(p: argparse.ArgumentParser) -> None:

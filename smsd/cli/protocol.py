@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections import Counter
 from dataclasses import replace
 
 from ..errors import SmsdError
@@ -18,6 +19,7 @@ from .common import (
     check_output_dir,
     check_output_file,
     dp_config,
+    folder_loader,
     fraction,
     model_config,
     non_negative_float,
@@ -44,20 +46,11 @@ def _folder_source(data: str):
                        for i, name in enumerate(source.classes))
     log.info("%s: %d images in %d classes (%s)", data, len(source), len(source.classes), counts)
     if skipped:
-        reasons: dict[str, int] = {}
-        for _, why in skipped:
-            reasons[why] = reasons.get(why, 0) + 1
+        reasons = Counter(why for _, why in skipped)
         detail = "; ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
         log.warning("%s: skipped %d file(s): %s (first: %s)", data, len(skipped), detail,
                     skipped[0][0])
     return source
-
-
-def _loader(args: argparse.Namespace, source, config, mode: str):
-    from ..data import make_loader
-
-    return make_loader(source, img_size=config.img_size, in_chans=config.in_chans,
-                       mode=mode, loader=args.loader)
 
 
 # ------------------------------------------------------------------ encode
@@ -90,7 +83,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     config = model_config(args)
     # The loader's ids are the file paths relative to --data: they pick each image's
     # permutation and stay here, not in the shard.
-    loader = _loader(args, _folder_source(args.data), config, "encode")
+    loader = folder_loader(args, _folder_source(args.data), config, "encode")
     path = Client(config, key, noise_std=args.noise_std).encode(
         loader, args.out, seal_to=seal_to, progress=not args.no_progress)
     sealed = f", sealed to {', '.join(k.name for k in seal_to)}" if seal_to else ", UNSEALED"
@@ -186,20 +179,16 @@ def pretrain_config(args: argparse.Namespace, n_images: int):
     koleo = args.koleo_weight
     if koleo is None:
         koleo = 0.0 if dp is not None else scaled.koleo_weight
-    return PretrainConfig.with_teacher_temp(
-        args.teacher_temp, **{
-            **{k: getattr(scaled, k) for k in ("min_lr", "weight_decay", "weight_decay_end",
-                                               "center_momentum", "clip_grad")},
-            "epochs": scaled.epochs, "batch_size": args.batch_size,
-            "lr": args.lr,
-            "warmup_epochs": (scaled.warmup_epochs if args.warmup_epochs is None
-                              else args.warmup_epochs),
-            "momentum_teacher": (scaled.momentum_teacher if args.momentum_teacher is None
-                                 else args.momentum_teacher),
-            "out_dim": args.out_dim, "hidden_dim": args.hidden_dim,
-            "bottleneck_dim": args.bottleneck_dim, "global_keep": tuple(args.global_keep),
-            "local_keep": tuple(args.local_keep), "koleo_weight": koleo, "seed": args.seed,
-            "dp": dp})
+    given = {"warmup_epochs": args.warmup_epochs, "momentum_teacher": args.momentum_teacher}
+    # A teacher warms up from DINO's 0.04 unless --teacher-temp is sharper (as
+    # PretrainConfig.with_teacher_temp).
+    return replace(
+        scaled, **{k: v for k, v in given.items() if v is not None}, lr=args.lr,
+        teacher_temp=args.teacher_temp,
+        warmup_teacher_temp=min(args.teacher_temp, PretrainConfig.warmup_teacher_temp),
+        out_dim=args.out_dim, hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim,
+        global_keep=tuple(args.global_keep), local_keep=tuple(args.local_keep),
+        koleo_weight=koleo, seed=args.seed, dp=dp)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -292,8 +281,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     ft = replace(Recipe().smsd_finetune, epochs=args.epochs, lr=args.lr,
                  batch_size=args.batch_size, freeze_body=args.freeze_body,
                  body_lr_scale=args.body_lr_scale, seed=args.seed)
-    loader = _loader(args, source, config, "eval")
-    augment = _loader(args, source, config, "finetune") if args.augment else None
+    loader = folder_loader(args, source, config, "eval")
+    augment = folder_loader(args, source, config, "finetune") if args.augment else None
     metrics = client.finetune(body, loader, num_classes=len(classes), config=ft,
                               augment=augment, progress=not args.no_progress)
     save_classifier(args.out, client.model, classes=classes, head_fingerprint=client.fingerprint)

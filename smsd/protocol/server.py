@@ -242,15 +242,18 @@ class Server:
                                         weight_decay=float(wds[it]),
                                         momentum=float(momenta[it]),
                                         freeze_last_layer=epoch < cfg.freeze_last_layer)
-                loss = mean_across_ranks(step_fn(x, index, schedule)).item()
+                total = mean_across_ranks(step_fn(x, index, schedule))
+                # The DINO term alone (KoLeo adds to a collapsed loss: ln K when uniform)
+                # for the collapse watch, read in the same host sync as the loss.
+                dino = getattr(step_fn, "dino_loss", None)
+                loss, dino_loss = torch.stack(
+                    [total, total if dino is None else dino.to(total)]).tolist()
                 if not math.isfinite(loss):
                     raise PretrainError(f"loss became {loss} at epoch {epoch}, "
                                         f"step {step}; lower lr")
                 position.losses.append(loss)
                 position.step = step + 1
-                # The DINO term alone (KoLeo adds to a collapsed loss): ln K when uniform.
-                dino = getattr(step_fn, "dino_loss", None)
-                alarm = watch.update(it, loss if dino is None else float(dino))
+                alarm = watch.update(it, dino_loss)
                 if alarm and ranks.is_main:
                     bar.write(f"pretrain: warning: {alarm}", file=sys.stderr)
                 bar.update(1)
