@@ -21,6 +21,8 @@ the same thread stores it), which the fused head+loss uses.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -192,3 +194,80 @@ def student_loss_grad(
         num_warps=8 if block >= 2048 else 4, **_COMPILE,
     )
     return row_loss
+
+
+class Forward(NamedTuple):
+    """What :func:`forward` returns: fp32 per-row losses and log-sum-exps (unused by this
+    backward, kept for the op's saved layout), teacher row statistics, column sums."""
+
+    row_loss: torch.Tensor
+    row_lse: torch.Tensor
+    teacher_max: torch.Tensor
+    teacher_inv_sum: torch.Tensor
+    colsum: torch.Tensor
+
+
+def _row_stats(pmax: torch.Tensor, psum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher row's max and 1/sum of exps from its per-chunk partials."""
+    row_max = pmax.amax(dim=1)
+    return row_max, 1.0 / (psum * torch.exp(pmax - row_max[:, None])).sum(dim=1)
+
+
+def forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, *, batch: int,
+            n_teacher_views: int, student_temp: float, teacher_temp: float) -> Forward:
+    """The loss side of the op: per-row losses, with the teacher statistics computed once
+    per teacher row and saved for :func:`backward`. No gradient is written."""
+    center = center.reshape(1, -1)
+    (pmax, psum), colsum = teacher_stats(teacher, center, teacher_temp)
+    row_loss = student_loss_grad(student, teacher, center, (pmax, psum), None, row_offset=0,
+                                 batch=batch, n_teacher_views=n_teacher_views,
+                                 student_temp=student_temp, teacher_temp=teacher_temp,
+                                 grad_scale=1.0)
+    t_max, t_inv_sum = _row_stats(pmax, psum)
+    lse = torch.zeros(student.shape[0], device=student.device, dtype=torch.float32)
+    return Forward(row_loss, lse, t_max, t_inv_sum, colsum)
+
+
+def backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+             center: torch.Tensor, row_lse: torch.Tensor, teacher_max: torch.Tensor,
+             teacher_inv_sum: torch.Tensor, *, batch: int, n_teacher_views: int,
+             student_temp: float, teacher_temp: float, grad_scale: float,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad_loss * grad_scale * dloss/dstudent`` in the student's dtype (into ``out``,
+    which may be ``student`` itself). ``grad_loss`` is a device tensor, never read on the
+    host. The teacher statistics of :func:`forward` enter the student kernel as one chunk.
+
+    Not yet at the traffic floor (issue 16): the student kernel reads the student twice
+    and ``grad_loss`` is applied in a second pass over the gradient.
+    """
+    del row_lse  # the student kernel recomputes the log-sum-exp
+    grad = torch.empty_like(student) if out is None else out
+    stats = (teacher_max[:, None].contiguous(), (1.0 / teacher_inv_sum)[:, None].contiguous())
+    student_loss_grad(student, teacher, center.reshape(1, -1), stats, grad, row_offset=0,
+                      batch=batch, n_teacher_views=n_teacher_views, student_temp=student_temp,
+                      teacher_temp=teacher_temp, grad_scale=grad_scale)
+    return grad.mul_(grad_loss.to(grad.dtype))
+
+
+def traffic(n_student_rows: int, n_teacher_rows: int, K: int, element_size: int,
+            n_teacher_views: int) -> dict:
+    """Bytes this design moves for forward + backward, and the floors.
+
+    ``ideal``: read every student logit once, write its gradient once, read each teacher
+    logit once. ``autograd``: the floor under autograd's contract (the loss needs every
+    logit in forward; the gradient depends on the upstream gradient, known only in
+    backward, so the student is read again there and the gradient written once).
+    """
+    s = n_student_rows * K * element_size
+    t = n_teacher_rows * K * element_size
+    pairs_read = n_student_rows * K * element_size * max(1, n_teacher_views - 1)
+    # teacher_stats: teacher once; forward student kernel: student twice + paired teacher
+    # rows once; backward: the same plus the gradient written, then read + written by mul_
+    forward_bytes = t + 2 * s + pairs_read
+    backward_bytes = t + 2 * s + pairs_read + s + 2 * s
+    ideal = s + s + t
+    autograd = 2 * s + s + 2 * t
+    total = forward_bytes + backward_bytes
+    return {"forward": forward_bytes, "backward": backward_bytes, "total": total,
+            "floor_ideal": ideal, "floor_autograd": autograd,
+            "ratio_ideal": total / ideal, "ratio_autograd": total / autograd}

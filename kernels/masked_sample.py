@@ -125,8 +125,12 @@ def sampled_rows_csr(
 
 
 def masked_sample_backward(
-    grad_out: torch.Tensor, index: torch.Tensor, perm: torch.Tensor | None, n_tokens: int
+    grad_out: torch.Tensor, index: torch.Tensor, perm: torch.Tensor | None, n_tokens: int,
+    unique: bool = False,
 ) -> torch.Tensor:
+    """``grad_x``; ``unique`` (distinct indices) is accepted for the inverse-index path of
+    issue 16, not built yet: both cases take the CSR path."""
+    del unique
     B, K, D = grad_out.shape
     grad_x = torch.empty((B, n_tokens, D), device=grad_out.device, dtype=grad_out.dtype)
     if grad_x.numel() == 0:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import attention
+from ..ops import attention_qkv
 
 __all__ = ["Attention"]
 
@@ -57,15 +57,17 @@ class Attention(nn.Module):
             layout = "[T, dim] with cu_seqlens" if packed else "[B, N, dim]"
             raise ValueError(f"x must be {layout}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        # [..., 3, H, d]: q, k and v stay strided views of one projection (no copies).
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        if not packed:  # [B, N, H, d] -> [B, H, N, d]
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        # [..., 3, H, d]: one projection, handed to the op whole, so its gradient comes
+        # back as one buffer in this layout (no per-q/k/v copies either way).
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
         if self.training and self.attn_drop > 0:
+            q, k, v = qkv.unbind(-3)
+            if not packed:  # [B, N, H, d] -> [B, H, N, d]
+                q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             out = self._dropout_attention(q, k, v, cu_seqlens)
         else:
-            out = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                            scale=self.scale)
+            out = attention_qkv(qkv, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                scale=self.scale)
         if not packed:
             out = out.transpose(1, 2)
         return self.proj_drop(self.proj(out.reshape(*lead, -1)))

@@ -50,22 +50,35 @@ class DINOLoss(nn.Module):
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
         ))
 
-    def _options(self, epoch: int) -> dict:
+    def options(self, epoch: int) -> dict:
+        """The loss's keyword options at ``epoch`` (the teacher temperature follows its
+        warm-up schedule)."""
         return {"n_student_views": self.ncrops, "n_teacher_views": 2,
                 "student_temp": self.student_temp,
                 "teacher_temp": float(self.teacher_temp_schedule[epoch]),
                 "center_momentum": self.center_momentum}
 
     def forward(
-        self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+        epoch: int | None = None, *, options: dict | None = None,
     ) -> torch.Tensor:
-        return dino_loss(student_output, teacher_output, self.center, **self._options(epoch))
+        """The loss at ``epoch``, or with ``options`` from :meth:`options` (what a compiled
+        step passes: reading the schedule inside a graph would tie it to one epoch)."""
+        return dino_loss(student_output, teacher_output, self.center,
+                         **self._resolve(epoch, options))
 
     def forward_fused(self, student_feats: torch.Tensor, teacher_feats: torch.Tensor,
-                      weight: torch.Tensor, epoch: int, *,
+                      weight: torch.Tensor, epoch: int | None = None, *,
+                      options: dict | None = None,
                       teacher_weight: torch.Tensor | None = None) -> torch.Tensor:
         """The same loss on ``feats @ weight.T`` logits that are never stored
         (:func:`~smsd.ops.fused_linear_dino_loss`): the head's last layer ``weight``
         ``[out_dim, D]`` and its inputs; ``teacher_weight``: the teacher head's own layer."""
         return fused_linear_dino_loss(student_feats, teacher_feats, weight, self.center,
-                                      teacher_weight=teacher_weight, **self._options(epoch))
+                                      teacher_weight=teacher_weight,
+                                      **self._resolve(epoch, options))
+
+    def _resolve(self, epoch: int | None, options: dict | None) -> dict:
+        if (epoch is None) == (options is None):
+            raise TypeError("pass either epoch or options")
+        return self.options(epoch) if options is None else options

@@ -4,7 +4,7 @@
 """
 
 from . import reference
-from .attention import attention
+from .attention import attention, attention_qkv
 from .dino_loss import dino_loss
 from .fused_linear_dino_loss import fused_linear_dino_loss
 from .masked_sample import masked_sample
@@ -12,6 +12,7 @@ from .sample_views import sample_views, view_size
 
 __all__ = [
     "attention",
+    "attention_qkv",
     "dino_loss",
     "fused_linear_dino_loss",
     "masked_sample",

@@ -8,15 +8,14 @@ copies, and ``cu_seqlens`` runs views of every size of a step in one launch.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _kernels
 from ..backend import BackendStatus, BackendUnavailableError, register_backend, select_backend
 from ..validation import validation_enabled
-from . import _checks, reference
+from . import _checks, _library, reference
 from ._ext import extension
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_qkv"]
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -69,13 +68,6 @@ def _validate_index(index: object, q: torch.Tensor) -> None:
     if index.shape[1] > N:
         raise ValueError(f"index selects {index.shape[1]} tokens but q has only N={N}")
     _checks.same_device("q", q, index=index)
-    if validation_enabled():
-        _checks.index_range("index", index, N, "the number of tokens N of q")
-        if index.shape[1] > 1 and bool((index.sort(dim=1).values.diff(dim=1) == 0).any()):
-            row = int((index.sort(dim=1).values.diff(dim=1) == 0).any(dim=1).nonzero()[0, 0])
-            raise ValueError(
-                f"index[{row}] repeats a token; a view selects each token at most once"
-            )
 
 
 def _validate_cu_seqlens(cu_seqlens: object, q: torch.Tensor) -> None:
@@ -88,8 +80,6 @@ def _validate_cu_seqlens(cu_seqlens: object, q: torch.Tensor) -> None:
             f"cu_seqlens must be a 1-D [S + 1] tensor, got shape {tuple(cu_seqlens.shape)}"
         )
     _checks.same_device("q", q, cu_seqlens=cu_seqlens)
-    if validation_enabled():
-        _check_cu_values(cu_seqlens, q.shape[0])
 
 
 def _check_cu_values(cu_seqlens: torch.Tensor, total: int) -> None:
@@ -105,60 +95,223 @@ def _check_cu_values(cu_seqlens: torch.Tensor, total: int) -> None:
         )
 
 
-def _max_seqlen(cu_seqlens: torch.Tensor, given: int | None) -> int:
-    """The longest packed sequence: computed (a sync) unless given; a given value is
-    checked while validation is on, since kernels size their grid by it."""
-    if given is not None and (isinstance(given, bool) or not isinstance(given, int)
-                              or given < 0):
+def _max_seqlen_arg(given: object) -> int:
+    """``max_seqlen`` as the op takes it: -1 when unknown (the op then computes it, a sync;
+    a given value is checked against the data while validation is on)."""
+    if given is None:
+        return -1
+    if isinstance(given, bool) or not isinstance(given, int) or given < 0:
         raise ValueError(f"max_seqlen must be a non-negative int or None, got {given!r}")
-    if given is not None and not validation_enabled():
-        return given
+    return given
+
+
+# ---------------------------------------------------------------- custom ops
+OP = _library.register("attention")
+BACKWARD_OP = _library.register("attention_backward")
+QKV_OP = _library.register("attention_qkv")
+QKV_BACKWARD_OP = _library.register("attention_qkv_backward")
+
+
+def _check_values(q: torch.Tensor, index: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                  max_seqlen: int) -> int:
+    """The checks that read values (they synchronize; skipped with validation off), and
+    the longest packed sequence, computed when not given (``max_seqlen < 0``, a sync)."""
+    if index is not None and validation_enabled():
+        N = q.shape[2]
+        _checks.index_range("index", index, N, "the number of tokens N of q")
+        if index.shape[1] > 1:
+            _checks.distinct_rows("index", index)
+    if cu_seqlens is None:
+        return max_seqlen
+    if validation_enabled():
+        _check_cu_values(cu_seqlens, q.shape[0])
+    elif max_seqlen >= 0:
+        return max_seqlen
     longest = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
-    if given is not None and given < longest:
-        raise ValueError(f"max_seqlen={given} is shorter than the longest sequence ({longest})")
-    return longest if given is None else int(given)
+    if 0 <= max_seqlen < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence "
+                         f"({longest})")
+    return longest if max_seqlen < 0 else max_seqlen
 
 
-# ---------------------------------------------------------------- kernels
-def _forward(backend, q, k, v, index, cu_seqlens, max_seqlen, scale):
-    if backend == "cpp":
-        return extension().attention_forward(q, k, v, index, cu_seqlens, scale)
-    return _kernels.load("attention").attention_forward(
-        q, k, v, index, cu_seqlens, max_seqlen, scale
-    )
+def _plain_forward(backend: str):
+    """The backends without a saved log-sum-exp: their backward is autograd through them."""
+    if backend == "xformers":
+        return _xformers_attention
+    return lambda q, k, v, index, cu_seqlens, scale: reference.attention(
+        q, k, v, index=index, cu_seqlens=cu_seqlens, scale=scale)
 
 
-def _backward(backend, grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqlen, scale):
-    if backend == "cpp":
-        return extension().attention_backward(
-            grad_out, q, k, v, out, lse, index, cu_seqlens, scale
-        )
-    return _kernels.load("attention").attention_backward(
-        grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqlen, scale
-    )
+def _lse_shape(q: torch.Tensor, index: torch.Tensor | None, packed: bool) -> tuple[int, ...]:
+    if packed:
+        return (q.shape[1], q.shape[0])
+    return (*q.shape[:2], index.shape[1] if index is not None else q.shape[2])
 
 
-class Attention(torch.autograd.Function):
-    """Autograd wrapper of the ``cpp`` and ``triton`` kernels (saves the log-sum-exp)."""
+def _out_shape(q: torch.Tensor, index: torch.Tensor | None, packed: bool) -> tuple[int, ...]:
+    if packed or index is None:
+        return tuple(q.shape)
+    return (*q.shape[:2], index.shape[1], q.shape[3])
 
-    @staticmethod
-    def forward(ctx, q, k, v, index, cu_seqlens, max_seqlen: int, scale: float, backend: str):
-        out, lse = _forward(backend, q, k, v, index, cu_seqlens, max_seqlen, scale)
-        ctx.backend, ctx.max_seqlen, ctx.scale = backend, max_seqlen, scale
-        ctx.save_for_backward(q, k, v, out, lse, index, cu_seqlens)
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, index, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _backward(
-            ctx.backend, grad_out.contiguous(), q, k, v, out, lse, index, cu_seqlens,
-            ctx.max_seqlen, ctx.scale,
-        )
-        needs = ctx.needs_input_grad
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                None, None, None, None, None)
+def _forward(q, k, v, index, cu_seqlens, max_seqlen: int, scale: float):
+    backend = select_backend("attention", q.device, supported=BACKENDS)
+    if backend == "xformers" and q.device.type != "cuda":
+        raise BackendUnavailableError(
+            f"attention: backend 'xformers' needs CUDA tensors, got tensors on {q.device}")
+    max_seqlen = _check_values(q, index, cu_seqlens, max_seqlen)
+    with _library.no_autocast(q.device):
+        if backend == "cpp":
+            return extension().attention_forward(q, k, v, index, cu_seqlens, scale)
+        if backend == "triton":
+            return _kernels.load("attention").attention_forward(
+                q, k, v, index, cu_seqlens, max_seqlen, scale)
+        out = _plain_forward(backend)(q, k, v, index, cu_seqlens, scale)
+        lse = q.new_zeros(_lse_shape(q, index, cu_seqlens is not None), dtype=torch.float32)
+        return out.contiguous(), lse
+
+
+def _backward(grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqlen: int, scale: float,
+              grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    """``(dq, dk, dv)``; the Triton kernels write them into ``grads`` when given."""
+    backend = select_backend("attention", q.device, supported=BACKENDS)
+    if cu_seqlens is not None and max_seqlen < 0:
+        max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+    with _library.no_autocast(q.device):
+        if backend == "cpp":
+            return extension().attention_backward(
+                grad_out, q, k, v, out, lse, index, cu_seqlens, scale)
+        if backend == "triton":
+            kernels = _kernels.load("attention")
+            if grads is None:
+                return kernels.attention_backward(
+                    grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqlen, scale)
+            return kernels.attention_backward(
+                grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqlen, scale, out=grads)
+        fn = _plain_forward(backend)
+        return tuple(_library.reference_vjp(
+            lambda q, k, v: fn(q, k, v, index, cu_seqlens, scale), (q, k, v), (0, 1, 2),
+            grad_out))
+
+
+@torch.library.custom_op(OP, mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  index: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                  max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, index, cu_seqlens, max_seqlen, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, index, cu_seqlens, max_seqlen, scale):
+    packed = cu_seqlens is not None
+    return (q.new_empty(_out_shape(q, index, packed)),
+            q.new_empty(_lse_shape(q, index, packed), dtype=torch.float32))
+
+
+@torch.library.custom_op(BACKWARD_OP, mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None, max_seqlen: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(g.contiguous() for g in _backward(grad_out, q, k, v, out, lse, index,
+                                                    cu_seqlens, max_seqlen, scale))
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqlen, scale):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape, dtype=q.dtype, device=q.device))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, index, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.save_for_backward(q, k, v, out, lse, index, cu_seqlens)
+
+
+def _attention_grads(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, index, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, index,
+                                        cu_seqlens, ctx.max_seqlen, ctx.scale)
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            None, None, None, None)
+
+
+_attention_op.register_autograd(_attention_grads, setup_context=_setup_context)
+
+
+def _split_qkv(qkv: torch.Tensor, packed: bool):
+    """Views q, k, v of a ``[B, N, 3, H, d]`` (dense, as ``[B, H, N, d]``) or
+    ``[T, 3, H, d]`` (packed, as ``[T, H, d]``) projection."""
+    q, k, v = qkv.unbind(-3)
+    if not packed:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return q, k, v
+
+
+@torch.library.custom_op(QKV_OP, mutates_args=())
+def _attention_qkv_op(qkv: torch.Tensor, index: torch.Tensor | None,
+                      cu_seqlens: torch.Tensor | None, max_seqlen: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _split_qkv(qkv, cu_seqlens is not None)
+    if q.stride(-1) != 1:
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    return _forward(q, k, v, index, cu_seqlens, max_seqlen, scale)
+
+
+@_attention_qkv_op.register_fake
+def _(qkv, index, cu_seqlens, max_seqlen, scale):
+    packed = cu_seqlens is not None
+    q = _split_qkv(qkv, packed)[0]
+    return (q.new_empty(_out_shape(q, index, packed)),
+            q.new_empty(_lse_shape(q, index, packed), dtype=torch.float32))
+
+
+@torch.library.custom_op(QKV_BACKWARD_OP, mutates_args=())
+def _attention_qkv_backward_op(
+    grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    index: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int,
+    scale: float,
+) -> torch.Tensor:
+    """``d qkv`` in ``qkv``'s layout, one buffer (the Triton kernels write into it)."""
+    packed = cu_seqlens is not None
+    q, k, v = _split_qkv(qkv, packed)
+    if q.stride(-1) != 1:
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    views = _split_qkv(grad_qkv, packed)
+    grads = _backward(grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqlen, scale,
+                      grads=views)
+    for view, grad in zip(views, grads, strict=True):
+        if grad.data_ptr() != view.data_ptr():
+            view.copy_(grad)
+    return grad_qkv
+
+
+@_attention_qkv_backward_op.register_fake
+def _(grad_out, qkv, out, lse, index, cu_seqlens, max_seqlen, scale):
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+def _qkv_setup_context(ctx, inputs, output) -> None:
+    qkv, index, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.save_for_backward(qkv, out, lse, index, cu_seqlens)
+
+
+def _attention_qkv_grads(ctx, grad_out, _grad_lse):
+    qkv, out, lse, index, cu_seqlens = ctx.saved_tensors
+    grad_qkv = _attention_qkv_backward_op(grad_out.contiguous(), qkv, out, lse, index,
+                                          cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return grad_qkv if ctx.needs_input_grad[0] else None, None, None, None, None
+
+
+_attention_qkv_op.register_autograd(_attention_qkv_grads, setup_context=_qkv_setup_context)
 
 
 def _xformers_attention(q, k, v, index, cu_seqlens, scale):
@@ -213,30 +366,55 @@ def attention(
     """
     packed = cu_seqlens is not None
     _validate_qkv(q, k, v, packed)
+    index, cu_seqlens, max_seqlen, scale = _common_args(q, index, cu_seqlens, max_seqlen,
+                                                        scale)
+    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+    return _attention_op(q, k, v, index, cu_seqlens, max_seqlen, scale)[0]
+
+
+def _common_args(q, index, cu_seqlens, max_seqlen, scale):
+    packed = cu_seqlens is not None
     if packed and index is not None:
         raise ValueError("pass either index (dense views) or cu_seqlens (packed views), not both")
     if index is not None:
         _validate_index(index, q)
+        index = index.long().contiguous()
     if packed:
         _validate_cu_seqlens(cu_seqlens, q)
         cu_seqlens = cu_seqlens.contiguous()
-        max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+    max_seqlen = _max_seqlen_arg(max_seqlen) if packed else 0
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale must be a positive number, got {scale!r}")
-    scale = float(scale)
+    return index, cu_seqlens, max_seqlen, float(scale)
 
-    backend = select_backend("attention", q.device, supported=BACKENDS)
-    if backend == "torch":
-        return reference.attention(q, k, v, index=index, cu_seqlens=cu_seqlens, scale=scale)
-    if backend == "xformers":
-        if q.device.type != "cuda":
-            raise BackendUnavailableError(
-                f"attention: backend 'xformers' needs CUDA tensors, got tensors on {q.device}"
-            )
-        return _xformers_attention(q, k, v, index, cu_seqlens, scale)
-    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
-    if index is not None:
-        index = index.long().contiguous()
-    return Attention.apply(q, k, v, index, cu_seqlens, max_seqlen or 0, scale, backend)
+
+def attention_qkv(
+    qkv: torch.Tensor,
+    *,
+    index: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`attention` of the q, k, v packed in one projection output, as a ViT's qkv
+    Linear gives them: ``[B, N, 3, H, d]`` (dense; the result is ``[B, H, M, d]``) or
+    ``[T, 3, H, d]`` (packed, with ``cu_seqlens``; the result is ``[T, H, d]``).
+
+    Its gradient is one ``qkv``-shaped buffer, which the Triton kernels write directly,
+    instead of three that autograd would stack again. Other arguments as :func:`attention`.
+    """
+    packed = cu_seqlens is not None
+    ndim = 4 if packed else 5
+    qkv = _checks.tensor("qkv", qkv, ndim, ATTENTION_DTYPES)
+    if qkv.shape[-3] != 3:
+        layout = "[T, 3, H, d]" if packed else "[B, N, 3, H, d]"
+        raise ValueError(f"qkv must be {layout}, got shape {tuple(qkv.shape)}")
+    q = _split_qkv(qkv, packed)[0]
+    d = q.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim d={d} of qkv is not in [1, {MAX_HEAD_DIM}]")
+    index, cu_seqlens, max_seqlen, scale = _common_args(q, index, cu_seqlens, max_seqlen,
+                                                        scale)
+    return _attention_qkv_op(qkv, index, cu_seqlens, max_seqlen, scale)[0]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .. import _kernels
 from ..backend import select_backend
-from . import _checks, reference
+from . import _checks, _library, reference
 from ._ext import extension
 
 __all__ = ["DinoLossOptions", "dino_loss"]
@@ -174,38 +174,165 @@ def move_center(center: torch.Tensor, colsum: torch.Tensor, n_teacher_rows: int,
     center.mul_(momentum).add_(batch_center, alpha=1.0 - momentum)
 
 
-class DinoLoss(torch.autograd.Function):
-    """Loss and student gradient in the forward; backward scales the stored gradient."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, center, backend: str, opts: DinoLossOptions, batch: int):
-        center_in = center.contiguous()
-        stats, colsum = teacher_stats(backend, teacher, center_in, opts.teacher_temp)
-        scale = 1.0 / (opts.n_pairs * batch)
-        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
-        row_loss = student_loss_grad(
-            backend, student, teacher, center_in, stats, grad,
-            row_offset=0, batch=batch, opts=opts, grad_scale=scale,
-        )
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(colsum)
-        return row_loss.sum() * scale, colsum
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_colsum):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None, None, None
-        return scale_saved_grad(grad, grad_loss), None, None, None, None, None
-
-
 def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """A gradient computed in the forward for ``grad_output = 1``, scaled by ``grad_loss``."""
     # A loss is almost always the root of backward (grad_output 1): returning the stored
     # gradient saves a full pass over [rows x K]. Reading grad_output is free on the CPU
-    # but would stall the host on a GPU every step, so there the gradient is always scaled.
-    if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and bool(grad_loss == 1):
+    # but would stall the host on a GPU every step (and cannot be traced by
+    # torch.compile), so there the gradient is always scaled. A traced backward sees a
+    # tensor subclass (fake or functional), whose value is unknown: scale it too.
+    if (not torch.compiler.is_compiling() and type(grad_loss) is torch.Tensor
+            and grad_loss.device.type == "cpu"
+            and grad_loss.numel() == 1 and bool(grad_loss == 1)):
         return grad
     return grad * grad_loss.to(grad.dtype)
+
+
+OP = _library.register("dino_loss")
+BACKWARD_OP = _library.register("dino_loss_backward")
+
+
+def saves_gradient(device: torch.device) -> bool:
+    """Whether the op's forward computes the student gradient and saves it (on the CPU,
+    where a stored gradient is cheap and scaling it by ``grad_output`` costs no sync).
+    On a GPU the forward saves per-row statistics and the backward writes the gradient
+    once, reading ``grad_output`` from device memory: the fewest bytes moved."""
+    return device.type != "cuda"
+
+
+def _options(n_student_views: int, n_teacher_views: int, student_temp: float,
+             teacher_temp: float) -> DinoLossOptions:
+    return DinoLossOptions(n_student_views, n_teacher_views, student_temp, teacher_temp)
+
+
+def _reference_loss(opts: DinoLossOptions):
+    def loss(student, teacher, center):
+        return reference.dino_loss(student, teacher, center, **{
+            **opts.as_kwargs(), "update_center": False}).float()
+    return loss
+
+
+def _forward(backend: str, student, teacher, center, opts: DinoLossOptions, with_grad: bool):
+    """``(loss, colsum, saved, teacher_max, teacher_inv_sum)``; ``saved`` is the scaled
+    gradient with ``with_grad``, else the rows' log-sum-exp (fp32)."""
+    n_rows, n_teacher = student.shape[0], teacher.shape[0]
+    batch = n_rows // opts.n_student_views
+    scale = 1.0 / (opts.n_pairs * batch)
+    f32 = {"device": student.device, "dtype": torch.float32}
+    if backend == "torch":
+        loss_fn = _reference_loss(opts)
+        loss = loss_fn(student, teacher, center)
+        colsum = teacher.float().sum(0)
+        if with_grad:
+            saved = _library.reference_vjp(loss_fn, (student, teacher, center), (0,),
+                                           torch.ones((), **f32))[0]
+        else:
+            saved = torch.zeros(n_rows, **f32)
+        return loss, colsum, saved, torch.zeros(n_teacher, **f32), torch.zeros(n_teacher, **f32)
+    if backend == "cpp":
+        ext = extension()
+        t_max, t_inv_sum, colsum = ext.dino_loss_teacher_stats(teacher, center,
+                                                               opts.teacher_temp)
+        grad = torch.empty_like(student) if with_grad else None
+        row_loss = ext.dino_loss_student(
+            student, teacher, center, t_max, t_inv_sum, grad, 0, batch, opts.n_teacher_views,
+            opts.student_temp, opts.teacher_temp, scale)
+        saved = grad if with_grad else torch.zeros(n_rows, **f32)
+        return row_loss.sum() * scale, colsum, saved, t_max, t_inv_sum
+    kernels = _kernels.load("dino_loss")
+    fwd = kernels.forward(student, teacher, center, batch=batch,
+                          n_teacher_views=opts.n_teacher_views,
+                          student_temp=opts.student_temp, teacher_temp=opts.teacher_temp)
+    saved = fwd.row_lse
+    if with_grad:
+        saved = kernels.backward(
+            torch.ones((), **f32), student, teacher, center, fwd.row_lse, fwd.teacher_max,
+            fwd.teacher_inv_sum, batch=batch, n_teacher_views=opts.n_teacher_views,
+            student_temp=opts.student_temp, teacher_temp=opts.teacher_temp, grad_scale=scale)
+    return fwd.row_loss.sum() * scale, fwd.colsum, saved, fwd.teacher_max, fwd.teacher_inv_sum
+
+
+@torch.library.custom_op(OP, mutates_args=())
+def _dino_loss_op(
+    student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_student_views: int,
+    n_teacher_views: int, student_temp: float, teacher_temp: float, needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = select_backend("dino_loss", student.device)
+    opts = _options(n_student_views, n_teacher_views, student_temp, teacher_temp)
+    with _library.no_autocast(student.device):
+        return _forward(backend, student, teacher, center, opts,
+                        needs_grad and saves_gradient(student.device))
+
+
+@_dino_loss_op.register_fake
+def _(student, teacher, center, n_student_views, n_teacher_views, student_temp, teacher_temp,
+      needs_grad):
+    f32 = {"dtype": torch.float32}
+    saved = (student.new_empty(student.shape) if needs_grad and saves_gradient(student.device)
+             else student.new_empty((student.shape[0],), **f32))
+    n_teacher = teacher.shape[0]
+    return (student.new_empty((), **f32), student.new_empty((student.shape[1],), **f32), saved,
+            student.new_empty((n_teacher,), **f32), student.new_empty((n_teacher,), **f32))
+
+
+@torch.library.custom_op(BACKWARD_OP, mutates_args=())
+def _dino_loss_backward_op(
+    grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+    center: torch.Tensor, row_lse: torch.Tensor, teacher_max: torch.Tensor,
+    teacher_inv_sum: torch.Tensor, n_student_views: int, n_teacher_views: int,
+    student_temp: float, teacher_temp: float,
+) -> torch.Tensor:
+    """The student gradient, written once (the GPU path; see :func:`saves_gradient`)."""
+    backend = select_backend("dino_loss", student.device)
+    opts = _options(n_student_views, n_teacher_views, student_temp, teacher_temp)
+    batch = student.shape[0] // n_student_views
+    with _library.no_autocast(student.device):
+        if backend == "cpp":  # CPU tensors: reading grad_loss costs no sync
+            grad = torch.empty_like(student)
+            extension().dino_loss_student(
+                student, teacher, center, teacher_max, teacher_inv_sum, grad, 0, batch,
+                n_teacher_views, student_temp, teacher_temp,
+                float(grad_loss) / (opts.n_pairs * batch))
+            return grad
+        if backend == "triton":
+            return _kernels.load("dino_loss").backward(
+                grad_loss, student, teacher, center, row_lse, teacher_max, teacher_inv_sum,
+                batch=batch, n_teacher_views=n_teacher_views, student_temp=student_temp,
+                teacher_temp=teacher_temp, grad_scale=1.0 / (opts.n_pairs * batch))
+        return _library.reference_vjp(_reference_loss(opts), (student, teacher, center),
+                                      (0,), grad_loss)[0]
+
+
+@_dino_loss_backward_op.register_fake
+def _(grad_loss, student, teacher, center, row_lse, teacher_max, teacher_inv_sum,
+      n_student_views, n_teacher_views, student_temp, teacher_temp):
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    student, teacher, center, *options, _needs_grad = inputs
+    _, _, saved, teacher_max, teacher_inv_sum = output
+    ctx.options = options
+    ctx.saved_grad = saved.dim() == 2  # the gradient itself (see saves_gradient)
+    if ctx.saved_grad:
+        # Held by ctx, not save_for_backward: handed out as is (grad_output 1), this
+        # reference makes autograd's accumulation into .grad copy it, never alter it.
+        ctx.grad = saved
+    else:
+        ctx.save_for_backward(student, teacher, center, saved, teacher_max, teacher_inv_sum)
+
+
+def _backward(ctx, grad_loss, *_):
+    none = (None,) * 8
+    if not ctx.needs_input_grad[0]:
+        return none
+    if ctx.saved_grad:
+        return (scale_saved_grad(ctx.grad, grad_loss), *none[1:])
+    return (_dino_loss_backward_op(grad_loss.float(), *ctx.saved_tensors, *ctx.options),
+            *none[1:])
+
+
+_dino_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dino_loss(
@@ -233,21 +360,20 @@ def dino_loss(
         center_momentum: EMA momentum of the center.
 
     Returns:
-        The loss (0-dim; fp32 from the kernels, which accumulate in fp32 whatever the
-        input dtype). Its gradient flows to ``student`` only.
+        The loss (0-dim fp32 whatever the input dtype: the kernels accumulate in fp32).
+        Its gradient flows to ``student`` only. A ``torch.library`` custom op
+        (``smsd::dino_loss``) that ``torch.compile(fullgraph=True)`` traces through.
     """
     opts = make_options(
         n_student_views=n_student_views, n_teacher_views=n_teacher_views,
         student_temp=student_temp, teacher_temp=teacher_temp,
         center_momentum=center_momentum, update_center=update_center,
     )
-    batch = validate_logits(student, teacher, center, opts)
-    backend = select_backend("dino_loss", student.device)
-    if backend == "torch":
-        return reference.dino_loss(student, teacher, center, **opts.as_kwargs())
-    loss, colsum = DinoLoss.apply(
-        _rows_contiguous(student), _rows_contiguous(teacher.detach()), center, backend, opts,
-        batch,
+    validate_logits(student, teacher, center, opts)
+    loss, colsum, *_ = _dino_loss_op(
+        _rows_contiguous(student), _rows_contiguous(teacher.detach()), center.contiguous(),
+        opts.n_student_views, opts.n_teacher_views, opts.student_temp, opts.teacher_temp,
+        student.requires_grad and torch.is_grad_enabled(),
     )
     if opts.update_center:
         move_center(center, colsum, teacher.shape[0], opts.center_momentum)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import select_backend
-from . import _checks, reference
+from . import _checks, _library, reference
 from .dino_loss import (
     LOSS_DTYPES,
     DinoLossOptions,
@@ -69,65 +69,114 @@ def _validate(student_feats, teacher_feats, weight, center, opts: DinoLossOption
                       "student_feats", "teacher_feats")
 
 
-class FusedLinearDinoLoss(torch.autograd.Function):
-    """Loss, grad_feats and grad_weight in the forward; backward scales them."""
+OP = _library.register("fused_linear_dino_loss")
 
-    @staticmethod
-    def forward(ctx, student_feats, teacher_feats, weight, center, backend: str,
-                opts: DinoLossOptions, batch: int, chunk_rows: int, teacher_weight=None):
-        # The matmuls run in the inputs' (checked, common) dtype even under autocast: the
-        # gradient buffers are allocated in that dtype and the kernels accumulate in fp32.
-        with torch.autocast(student_feats.device.type, enabled=False):
-            return FusedLinearDinoLoss._forward(
-                ctx, student_feats, teacher_feats, weight, center, backend, opts, batch,
-                chunk_rows, teacher_weight,
-            )
 
-    @staticmethod
-    def _forward(ctx, student_feats, teacher_feats, weight, center, backend: str,
-                 opts: DinoLossOptions, batch: int, chunk_rows: int, teacher_weight):
-        need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        center_in = center.contiguous()
-        teacher = teacher_feats @ (weight if teacher_weight is None else teacher_weight).T
-        stats, colsum = teacher_stats(backend, teacher, center_in, opts.teacher_temp)
-        del teacher_feats
-        scale = 1.0 / (opts.n_pairs * batch)
-        n_rows = student_feats.shape[0]
-        grad_feats = torch.empty_like(student_feats) if need_feats else None
-        # fp32 accumulator across chunks for half weights (rounding once at the end)
-        grad_weight = (torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-                       if need_weight else None)
-        losses = []
-        for start in range(0, n_rows, chunk_rows):
-            feats = student_feats[start:start + chunk_rows]
-            logits = feats @ weight.T
-            losses.append(student_loss_grad(
-                backend, logits, teacher, center_in, stats,
-                logits if need_feats or need_weight else None,
-                row_offset=start, batch=batch, opts=opts, grad_scale=scale,
-            ))
-            if need_feats:
-                torch.matmul(logits, weight, out=grad_feats[start:start + chunk_rows])
-            if need_weight:
-                if grad_weight.dtype == logits.dtype:
-                    grad_weight.addmm_(logits.T, feats)
-                else:
-                    grad_weight += (logits.T @ feats).float()
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        ctx.save_for_backward(grad_feats, grad_weight)
-        ctx.mark_non_differentiable(colsum)
-        return torch.cat(losses).sum() * scale, colsum
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with products summed in ``acc``'s fp32 (for 16-bit ``a, b``): a
+    chunk's product rounded to 16 bits before it is added would lose what the fp32
+    accumulator is there to keep."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # the CPU has no mixed-dtype matmul: multiply the upcast chunk
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_colsum):
-        grad_feats, grad_weight = ctx.saved_tensors
-        return (
-            None if grad_feats is None else scale_saved_grad(grad_feats, grad_loss),
-            None,
-            None if grad_weight is None else scale_saved_grad(grad_weight, grad_loss),
-            None, None, None, None, None, None,
-        )
+
+def _kernel_forward(backend: str, student_feats, teacher_feats, weight, center, teacher_weight,
+                    opts: DinoLossOptions, chunk_rows: int, need_feats: bool,
+                    need_weight: bool):
+    batch = student_feats.shape[0] // opts.n_student_views
+    teacher = teacher_feats @ (weight if teacher_weight is None else teacher_weight).T
+    stats, colsum = teacher_stats(backend, teacher, center, opts.teacher_temp)
+    scale = 1.0 / (opts.n_pairs * batch)
+    n_rows = student_feats.shape[0]
+    grad_feats = torch.empty_like(student_feats) if need_feats else student_feats.new_empty(0)
+    grad_weight = (torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+                   if need_weight else None)
+    losses = []
+    for start in range(0, n_rows, chunk_rows):
+        feats = student_feats[start:start + chunk_rows]
+        logits = feats @ weight.T
+        losses.append(student_loss_grad(
+            backend, logits, teacher, center, stats,
+            logits if need_feats or need_weight else None,
+            row_offset=start, batch=batch, opts=opts, grad_scale=scale,
+        ))
+        if need_feats:
+            torch.matmul(logits, weight, out=grad_feats[start:start + chunk_rows])
+        if need_weight:
+            _accumulate(grad_weight, logits.T, feats)
+    grad_weight = grad_weight.to(weight.dtype) if need_weight else weight.new_empty(0)
+    return torch.cat(losses).sum() * scale, colsum, grad_feats, grad_weight
+
+
+def _reference_forward(student_feats, teacher_feats, weight, center, teacher_weight,
+                       opts: DinoLossOptions, need_feats: bool, need_weight: bool):
+    def loss_fn(feats, w):
+        return reference.fused_linear_dino_loss(
+            feats, teacher_feats, w, center, teacher_weight=teacher_weight,
+            **{**opts.as_kwargs(), "update_center": False}).float()
+
+    loss = loss_fn(student_feats, weight)
+    teacher = teacher_feats @ (weight if teacher_weight is None else teacher_weight).T
+    grads = [student_feats.new_empty(0), weight.new_empty(0)]
+    if need_feats or need_weight:
+        one = torch.ones((), device=loss.device, dtype=loss.dtype)
+        feats_grad, weight_grad = _library.reference_vjp(loss_fn, (student_feats, weight),
+                                                         (0, 1), one)
+        grads = [feats_grad if need_feats else grads[0], weight_grad if need_weight
+                 else grads[1]]
+    return loss, teacher.float().sum(0), *grads
+
+
+@torch.library.custom_op(OP, mutates_args=())
+def _fused_op(
+    student_feats: torch.Tensor, teacher_feats: torch.Tensor, weight: torch.Tensor,
+    center: torch.Tensor, teacher_weight: torch.Tensor | None, n_student_views: int,
+    n_teacher_views: int, student_temp: float, teacher_temp: float, chunk_rows: int,
+    need_feats: bool, need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, colsum, grad_feats, grad_weight)`` for ``grad_output = 1`` (a gradient not
+    asked for is an empty tensor)."""
+    backend = select_backend("fused_linear_dino_loss", student_feats.device)
+    opts = DinoLossOptions(n_student_views, n_teacher_views, student_temp, teacher_temp)
+    with _library.no_autocast(student_feats.device):
+        if backend == "torch":
+            return _reference_forward(student_feats, teacher_feats, weight, center,
+                                      teacher_weight, opts, need_feats, need_weight)
+        return _kernel_forward(backend, student_feats, teacher_feats, weight, center,
+                               teacher_weight, opts, chunk_rows, need_feats, need_weight)
+
+
+@_fused_op.register_fake
+def _(student_feats, teacher_feats, weight, center, teacher_weight, n_student_views,
+      n_teacher_views, student_temp, teacher_temp, chunk_rows, need_feats, need_weight):
+    f32 = {"dtype": torch.float32}
+    return (student_feats.new_empty((), **f32), student_feats.new_empty((weight.shape[0],), **f32),
+            student_feats.new_empty(student_feats.shape if need_feats else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    # Held by ctx, not save_for_backward: handed out as is (grad_output 1), this reference
+    # makes autograd's accumulation into .grad copy them, never alter them.
+    ctx.grads = output[2], output[3]
+    ctx.need_feats, ctx.need_weight = inputs[-2], inputs[-1]
+
+
+def _backward(ctx, grad_loss, *_):
+    grad_feats, grad_weight = ctx.grads
+    needs = ctx.needs_input_grad
+    feats = (scale_saved_grad(grad_feats, grad_loss) if ctx.need_feats and needs[0]
+             else None)
+    weight = (scale_saved_grad(grad_weight, grad_loss) if ctx.need_weight and needs[2]
+              else None)
+    return (feats, None, weight, *(None,) * 9)
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_dino_loss(
@@ -160,29 +209,26 @@ def fused_linear_dino_loss(
             of the student, so its head differs); default ``weight``. No gradient.
 
     Returns:
-        The fp32 loss; gradients flow to ``student_feats`` and ``weight``.
+        The fp32 loss; gradients flow to ``student_feats`` and ``weight``. A
+        ``torch.library`` custom op (``smsd::fused_linear_dino_loss``).
     """
     opts = make_options(
         n_student_views=n_student_views, n_teacher_views=n_teacher_views,
         student_temp=student_temp, teacher_temp=teacher_temp,
         center_momentum=center_momentum, update_center=update_center,
     )
-    batch = _validate(student_feats, teacher_feats, weight, center, opts, chunk_rows,
-                      teacher_weight)
+    _validate(student_feats, teacher_feats, weight, center, opts, chunk_rows,
+              teacher_weight)
     if teacher_weight is not None:
         teacher_weight = teacher_weight.detach()
-    backend = select_backend("fused_linear_dino_loss", student_feats.device)
-    if backend == "torch":
-        return reference.fused_linear_dino_loss(
-            student_feats, teacher_feats, weight, center, teacher_weight=teacher_weight,
-            **opts.as_kwargs()
-        )
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(student_feats.shape[0], weight.shape[0],
                                         weight.element_size())
-    loss, colsum = FusedLinearDinoLoss.apply(
-        student_feats, teacher_feats.detach(), weight, center, backend, opts, batch, chunk_rows,
-        teacher_weight,
+    grad_on = torch.is_grad_enabled()
+    loss, colsum, _, _ = _fused_op(
+        student_feats, teacher_feats.detach(), weight, center.contiguous(), teacher_weight,
+        opts.n_student_views, opts.n_teacher_views, opts.student_temp, opts.teacher_temp,
+        chunk_rows, grad_on and student_feats.requires_grad, grad_on and weight.requires_grad,
     )
     if opts.update_center:
         move_center(center, colsum, teacher_feats.shape[0], opts.center_momentum)

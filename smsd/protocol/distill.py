@@ -37,6 +37,9 @@ from ..validation import validation
 __all__ = ["PHASES", "DistillStep", "PackedViews", "StepSchedule", "StudentModel",
            "StudentOutput", "koleo_loss", "pack_views", "packed_cls_features"]
 
+# Graphs one compiled step may keep: one per teacher temperature of the warm-up, and more.
+_RECOMPILE_LIMIT = 64
+
 # What DistillStep reports to its ``on_phase`` hook, in order, after each part of a step.
 PHASES = ("sampling", "teacher_fwd", "student_fwd", "loss", "backward", "optimizer_ema")
 
@@ -84,7 +87,15 @@ def _layout(batch: int, sizes: tuple[int, ...], n_tokens: int, device: torch.dev
     return _PackedLayout(batch, sizes, n_tokens, device, dtype)
 
 
-def pack_views(x: torch.Tensor, index: Sequence[torch.Tensor]) -> PackedViews:
+def packed_layout(x: torch.Tensor, index: Sequence[torch.Tensor]) -> _PackedLayout:
+    """The cached, shape-only part of :func:`pack_views` for these views (host-built
+    once per shape). A compiled step takes it as an input rather than tracing it."""
+    sizes = tuple(int(i.shape[1]) for i in index)
+    return _layout(x.shape[0], sizes, x.shape[1], x.device, index[0].dtype)
+
+
+def pack_views(x: torch.Tensor, index: Sequence[torch.Tensor],
+               layout: _PackedLayout | None = None) -> PackedViews:
     """Describe views ``index`` (one ``[B, k_v]`` tensor each, values in ``[0, N)``, not
     checked: reading them would synchronize) of images ``x`` ``[B, N, D]`` as one packed
     batch; the gather itself runs in :func:`packed_cls_features`. Two small launches,
@@ -93,14 +104,14 @@ def pack_views(x: torch.Tensor, index: Sequence[torch.Tensor]) -> PackedViews:
         raise ValueError(f"x must be [B, N, D], got shape {list(x.shape)}")
     if not index:
         raise ValueError("index must hold at least one view")
-    batch, n_tokens = x.shape[0], x.shape[1]
+    batch = x.shape[0]
     for v, i in enumerate(index):
         if i.dim() != 2 or i.shape[0] != batch or i.device != x.device:
             raise ValueError(f"index[{v}] must be [B={batch}, k] on {x.device}, got shape "
                              f"{list(i.shape)} on {i.device}")
-    sizes = tuple(int(i.shape[1]) for i in index)
     dtype = index[0].dtype
-    layout = _layout(batch, sizes, n_tokens, x.device, dtype)
+    if layout is None:
+        layout = packed_layout(x, index)
     pieces = [p for i in index for p in (layout.cls_slot, i.to(dtype))]
     rows = (torch.cat(pieces, dim=1) + layout.row_offset).reshape(-1)
     return PackedViews(x, rows, layout.cu_seqlens, layout.max_seqlen, layout.cls_rows)
@@ -196,6 +207,12 @@ class DistillStep:
             :func:`~smsd.ops.fused_linear_dino_loss` (the logits are never stored).
         compile_blocks: ``torch.compile`` every transformer block of student and teacher
             (static shapes), in place.
+        compile_step: ``torch.compile(fullgraph=True)`` the whole forward of the step:
+            sampling, teacher, student and loss, with the smsd ops inside the graph (they
+            are ``torch.library`` custom ops), so LayerNorm, GELU and residuals fuse around
+            the kernels; backward and optimizer stay eager. One graph per teacher
+            temperature (each warm-up epoch has its own). ``on_phase`` then sees the
+            forward as one phase, reported as ``"loss"``.
         checkpoint_blocks: recompute the first this many student blocks in the backward
             pass instead of storing their activations (less memory, one more forward of
             those blocks); needs ``fused_gather``.
@@ -208,8 +225,8 @@ class DistillStep:
                  clip_grad: float = 0.0,
                  autocast_dtype: torch.dtype | None = torch.bfloat16,
                  fused_gather: bool = False, fused_head_loss: bool = False,
-                 compile_blocks: bool = False, checkpoint_blocks: int = 0,
-                 on_phase: Callable[[str], None] | None = None) -> None:
+                 compile_blocks: bool = False, compile_step: bool = False,
+                 checkpoint_blocks: int = 0, on_phase: Callable[[str], None] | None = None) -> None:
         if fused_gather and not packed:
             raise ValueError("fused_gather=True lays views out as one packed batch: it needs "
                              "packed=True")
@@ -238,14 +255,72 @@ class DistillStep:
         self._teacher_params = list(teacher.parameters())
         self._last_layer = [p for name, p in module.head.named_parameters()
                             if name.startswith("last_layer")]
+        if compile_blocks and compile_step:
+            raise ValueError("compile_step compiles the blocks too: pass one of "
+                             "compile_blocks and compile_step")
         if compile_blocks:
             for model in (module, teacher):
                 for block in model.body.blocks:
                     block.compile(dynamic=False)
+        self._loss_options: dict = {}
+        self._compiled_loss = None
+        if compile_step:
+            self._compiled_loss = torch.compile(self._forward_loss, fullgraph=True,
+                                                dynamic=False)
 
     def _mark(self, phase: str) -> None:
         if self.on_phase is not None:
             self.on_phase(phase)
+
+    def _forward_loss(self, x: torch.Tensor, index: tuple[torch.Tensor, ...],
+                      layouts: tuple[_PackedLayout, _PackedLayout] | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views, teacher and student forward, loss: ``(loss, detached DINO term)``. What
+        ``compile_step`` compiles whole (``fullgraph=True``)."""
+        batch = x.shape[0]
+        autocast_on = x.device.type == "cuda" and self.autocast_dtype is not None
+        autocast = torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
+                                  enabled=autocast_on)
+        fused = self.fused_head_loss
+        marks = self._compiled_loss is None  # phase hooks cannot run inside a graph
+        with autocast:
+            if self.fused_gather:
+                student_in = pack_views(x, index, layouts[0])
+                teacher_in = pack_views(x, index[:2], layouts[1])
+            else:
+                student_in = [masked_sample(x, idx, unique=True) for idx in index]
+                teacher_in = student_in[:2]
+            if marks:
+                self._mark("sampling")
+            with torch.no_grad():
+                teacher_out = self.teacher(teacher_in, packed=self.packed, fused_head=fused)
+            if marks:
+                self._mark("teacher_fwd")
+            student_out = self.student(student_in, packed=self.packed, fused_head=fused,
+                                       checkpoint_blocks=self.checkpoint_blocks)
+            features = student_out.features
+            if marks:
+                self._mark("student_fwd")
+            options = self._loss_options
+            if fused:
+                # The op computes in its inputs' dtype: under autocast, the autocast dtype,
+                # as the unfused head's last Linear would.
+                dtype = self.autocast_dtype if autocast_on else student_out.bottleneck.dtype
+                loss = self.loss_fn.forward_fused(
+                    student_out.bottleneck.to(dtype), teacher_out.bottleneck.to(dtype),
+                    student_out.weight.to(dtype), options=options,
+                    teacher_weight=teacher_out.weight.to(dtype))
+            else:
+                loss = self.loss_fn(student_out.logits.float(), teacher_out.logits.float(),
+                                    options=options)
+            dino = loss.detach()
+            if self.koleo_weight:
+                # As in DINOv2: on the CLS features of each global view separately.
+                loss = loss + self.koleo_weight * sum(
+                    koleo_loss(f) for f in features[:2 * batch].chunk(2))
+            if marks:
+                self._mark("loss")
+        return loss, dino
 
     def __call__(self, x: torch.Tensor, index: Sequence[torch.Tensor],
                  schedule: StepSchedule) -> torch.Tensor:
@@ -254,43 +329,20 @@ class DistillStep:
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = schedule.lr
             group["weight_decay"] = schedule.weight_decay if i == 0 else 0.0
-        batch = x.shape[0]
-        autocast_on = x.device.type == "cuda" and self.autocast_dtype is not None
-        autocast = torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
-                                  enabled=autocast_on)
-        fused = self.fused_head_loss
-        with validation(False), autocast:  # indices come from sample_views: in range
-            if self.fused_gather:
-                student_in = pack_views(x, index)
-                teacher_in = pack_views(x, index[:2])
+        self._loss_options = self.loss_fn.options(schedule.epoch)
+        index = tuple(index)
+        # built (once per shape) outside a compiled graph, which takes them as inputs
+        layouts = ((packed_layout(x, index), packed_layout(x, index[:2]))
+                   if self.fused_gather else None)
+        with validation(False):  # indices come from sample_views: in range and distinct
+            if self._compiled_loss is None:
+                loss, dino = self._forward_loss(x, index, layouts)
             else:
-                student_in = [masked_sample(x, idx) for idx in index]
-                teacher_in = student_in[:2]
-            self._mark("sampling")
-            with torch.no_grad():
-                teacher_out = self.teacher(teacher_in, packed=self.packed, fused_head=fused)
-            self._mark("teacher_fwd")
-            student_out = self.student(student_in, packed=self.packed, fused_head=fused,
-                                       checkpoint_blocks=self.checkpoint_blocks)
-            features = student_out.features
-            self._mark("student_fwd")
-            if fused:
-                # The op computes in its inputs' dtype: under autocast, the autocast dtype,
-                # as the unfused head's last Linear would.
-                dtype = self.autocast_dtype if autocast_on else student_out.bottleneck.dtype
-                loss = self.loss_fn.forward_fused(
-                    student_out.bottleneck.to(dtype), teacher_out.bottleneck.to(dtype),
-                    student_out.weight.to(dtype), schedule.epoch,
-                    teacher_weight=teacher_out.weight.to(dtype))
-            else:
-                loss = self.loss_fn(student_out.logits.float(), teacher_out.logits.float(),
-                                    schedule.epoch)
-            self.dino_loss = loss.detach()  # without KoLeo: what a collapse watch reads
-            if self.koleo_weight:
-                # As in DINOv2: on the CLS features of each global view separately.
-                loss = loss + self.koleo_weight * sum(
-                    koleo_loss(f) for f in features[:2 * batch].chunk(2))
-            self._mark("loss")
+                # each warm-up epoch's teacher temperature is a constant of its own graph
+                with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                    loss, dino = self._compiled_loss(x, index, layouts)
+                self._mark("loss")
+        self.dino_loss = dino  # without KoLeo: what a collapse watch reads
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._mark("backward")

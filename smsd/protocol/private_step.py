@@ -77,7 +77,7 @@ class PrivateDistillStep:
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = schedule.lr
             group["weight_decay"] = schedule.weight_decay if i == 0 else 0.0
-        options = self.loss_fn._options(schedule.epoch)
+        options = self.loss_fn.options(schedule.epoch)
         batch = x.shape[0]
         sums = [torch.zeros_like(p) for p in self._params]
         center = self.loss_fn.center
