@@ -6,10 +6,10 @@ them, EMA teacher on the 2 global views, student on all views, DINO head and los
 backward, AdamW (fused on CUDA), EMA and center updates. Variants:
 
 * ``smsd``: DistillStep with packed varlen attention, one fused gather of all views and
-  the fused head + loss (``fused_linear_dino_loss``); ``smsd+compile`` compiles the
-  step's whole forward with ``torch.compile(fullgraph=True)`` (``compile_step``: the
-  smsd ops are custom ops inside the graph); ``smsd+ckpt`` checkpoints the first ``--checkpoint-blocks``
-  student blocks (activation memory for time); ``smsd-unfused``: DistillStep with only
+  the fused head + loss (``fused_linear_dino_loss``); ``smsd+compile`` compiles
+  the step's whole forward with ``torch.compile(fullgraph=True)`` (``compile_step``: the
+  smsd ops are custom ops inside the graph); ``smsd+ckpt`` checkpoints the first
+  ``--checkpoint-blocks`` student blocks (activation memory for time); ``smsd-unfused``: DistillStep with only
   ``packed=True`` (what the server ran before this benchmark).
 * ``torch-eager``: the anchor's step (``/work/shared/anchors/anchors_vit.py``): timm-style
   blocks with SDPA, views of one size batched together, eager DINO loss.
@@ -73,7 +73,8 @@ PRESETS = {
 }
 VARIANTS = ("smsd", "smsd+compile", "smsd+ckpt", "smsd-unfused", "torch-eager",
             "torch-compile", "torch-loop")
-DEFAULT_VARIANTS = ("smsd", "smsd+compile", "smsd-unfused", "torch-eager", "torch-compile", "torch-loop")
+DEFAULT_VARIANTS = ("smsd", "smsd+compile", "smsd-unfused", "torch-eager", "torch-compile",
+                    "torch-loop")
 
 Mark = Callable[[str], None]
 
