@@ -9,7 +9,8 @@ backward, AdamW (fused on CUDA), EMA and center updates. Variants:
   the fused head + loss (``fused_linear_dino_loss``); ``smsd+compile`` compiles
   the step's whole forward with ``torch.compile(fullgraph=True)`` (``compile_step``: the
   smsd ops are custom ops inside the graph); ``smsd+ckpt`` checkpoints the first
-  ``--checkpoint-blocks`` student blocks (activation memory for time); ``smsd-unfused``: DistillStep with only
+  ``--checkpoint-blocks`` student blocks (activation memory for time); ``smsd-unfused``:
+  DistillStep with only
   ``packed=True`` (what the server ran before this benchmark).
 * ``torch-eager``: the anchor's step (``/work/shared/anchors/anchors_vit.py``): timm-style
   blocks with SDPA, views of one size batched together, eager DINO loss.
