@@ -59,11 +59,12 @@ def permutation_rows(name: str, perm: torch.Tensor) -> None:
         raise ValueError(f"{name}[{row}] is not a permutation of 0..{n - 1}")
 
 
-def distinct_rows(name: str, index: torch.Tensor) -> None:
-    """No row repeats a value. Reads the values, so it synchronizes."""
+def distinct_rows(name: str, index: torch.Tensor, why: str) -> None:
+    """No row repeats a value (``why`` says who needs that). Reads the values, so it
+    synchronizes."""
     if index.shape[-1] < 2:
         return
     repeats = (index.sort(dim=-1).values.diff(dim=-1) == 0).any(dim=-1)
     if bool(repeats.any()):
         row = int(repeats.nonzero()[0, 0])
-        raise ValueError(f"{name}[{row}] repeats a token; unique=True needs distinct indices")
+        raise ValueError(f"{name}[{row}] repeats a token; {why}")

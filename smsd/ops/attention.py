@@ -120,7 +120,7 @@ def _check_values(q: torch.Tensor, index: torch.Tensor | None, cu_seqlens: torch
         N = q.shape[2]
         _checks.index_range("index", index, N, "the number of tokens N of q")
         if index.shape[1] > 1:
-            _checks.distinct_rows("index", index)
+            _checks.distinct_rows("index", index, "a view selects each token at most once")
     if cu_seqlens is None:
         return max_seqlen
     if validation_enabled():
@@ -253,13 +253,16 @@ def _split_qkv(qkv: torch.Tensor, packed: bool):
     return q, k, v
 
 
+def _kernel_qkv(qkv: torch.Tensor, packed: bool):
+    """q, k, v of ``qkv`` as the kernels take them: views, unless rows are strided."""
+    return tuple(_rows_contiguous(t) for t in _split_qkv(qkv, packed))
+
+
 @torch.library.custom_op(QKV_OP, mutates_args=())
 def _attention_qkv_op(qkv: torch.Tensor, index: torch.Tensor | None,
                       cu_seqlens: torch.Tensor | None, max_seqlen: int,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = _split_qkv(qkv, cu_seqlens is not None)
-    if q.stride(-1) != 1:
-        q, k, v = (t.contiguous() for t in (q, k, v))
+    q, k, v = _kernel_qkv(qkv, cu_seqlens is not None)
     return _forward(q, k, v, index, cu_seqlens, max_seqlen, scale)
 
 
@@ -279,9 +282,7 @@ def _attention_qkv_backward_op(
 ) -> torch.Tensor:
     """``d qkv`` in ``qkv``'s layout, one buffer (the Triton kernels write into it)."""
     packed = cu_seqlens is not None
-    q, k, v = _split_qkv(qkv, packed)
-    if q.stride(-1) != 1:
-        q, k, v = (t.contiguous() for t in (q, k, v))
+    q, k, v = _kernel_qkv(qkv, packed)
     grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     views = _split_qkv(grad_qkv, packed)
     grads = _backward(grad_out, q, k, v, out, lse, index, cu_seqlens, max_seqlen, scale,

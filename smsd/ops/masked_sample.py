@@ -43,7 +43,7 @@ def _check_values(x: torch.Tensor, index: torch.Tensor, perm: torch.Tensor | Non
     if perm is not None:
         _checks.permutation_rows("perm", perm)
     if unique:
-        _checks.distinct_rows("index", index)
+        _checks.distinct_rows("index", index, "unique=True needs distinct indices")
 
 
 @torch.library.custom_op(OP, mutates_args=())
