@@ -176,7 +176,7 @@ def dino_loss_scenarios() -> list[Scenario]:
                 fwd = dl.forward(student, teacher, center, batch=B, n_teacher_views=T_VIEWS,
                                  student_temp=ts, teacher_temp=tt)
                 dl.backward(torch.ones((), dtype=torch.float32), student, teacher, center,
-                            fwd.row_lse, fwd.teacher_max, fwd.teacher_inv_sum, batch=B,
+                            fwd.row_stats, fwd.teacher_max, fwd.teacher_inv_sum, batch=B,
                             n_teacher_views=T_VIEWS, student_temp=ts, teacher_temp=tt,
                             grad_scale=scale)
             if hasattr(dl, "teacher_stats") and hasattr(dl, "student_loss_grad"):
@@ -323,7 +323,9 @@ def capture(scenarios: list[Scenario], capability: int = 90) -> list[Spec]:
         if callable(grid):
             grid = grid(bound)
         grid = tuple(int(g) for g in grid)
-        key = _key(fn, signature, constexprs, attrs, options)
+        # per dtype of the scenario too: a kernel whose inputs are all fp32 whatever the
+        # logits' dtype (a combine of partials) gets a row under each dtype it serves
+        key = sc.dtype + _key(fn, signature, constexprs, attrs, options)
         names = fn.arg_names
         label = (sc.shape, sc.variant)
         if key in specs:

@@ -1,22 +1,28 @@
-"""Triton kernels of dino_loss: DINO's distillation loss and its student gradient in one forward.
+"""Triton kernels of dino_loss: DINO's distillation loss and its student gradient.
 
-Two kernels, no ``[rows x K]`` temporary except the gradient itself:
+The op's kernels, at the traffic floor of autograd's contract (forward, then a backward
+that knows the upstream gradient):
 
-``teacher_stats``: each program owns a chunk of columns and walks every teacher row,
-so the teacher is read once for two results: per row the max and the sum of exps of
-``(teacher - center) / teacher_temp`` over the chunk (once per teacher row, not once
-per pair; the student kernel combines the few chunk partials of the rows it needs,
-which saves the launches of a separate combine), and the chunk's column sums (the
-batch mean the center moves toward). Chunks cover disjoint columns, so the sums are
-deterministic without atomics.
+``forward_partials_kernel`` + ``forward_combine_kernel`` (:func:`forward`): a 2-D grid of
+column chunks x groups of images. A program reads, per image of its group, the chunk of
+every teacher view and of every student view once: teacher chunk max and sum of exps,
+student chunk max and sum of exps, and per (student view, teacher view) the dot product
+``sum_j exp(y_ij - max) (x_j - max_s)`` that the loss needs, all rescaled later as an
+online softmax is; and the teacher's column sums (the batch mean the center moves
+toward) per group, without atomics. The combine kernel (one program per row) merges the
+few chunk partials of a row into its loss, the student rows' ``(max, log-sum)`` and the
+teacher rows' ``(max, 1/sum)``, which the backward reuses.
 
-``student_loss_grad``: one program per student row ``(v, b)``. Pass 1 is one online
-log-sum-exp over K. Pass 2 rebuilds, block by block, ``Q = sum over teacher views
-i != v of softmax_i`` (teacher rows of the same image, mostly from L2 because
-consecutive programs share an image) and writes the row's loss
-``-sum Q * log_softmax(s)`` and gradient ``scale * (n_pairs * p - Q) / student_temp``.
-The gradient may overwrite the student logits in place (each element is read before
-the same thread stores it), which the fused head+loss uses.
+``backward_kernel`` (:func:`backward`): the same grid; per image the teacher targets of
+the chunk are built once from the saved statistics and serve every student view; each
+student logit is read once and its gradient written once, scaled by ``grad_loss`` read
+on the device.
+
+The fused head+loss (``fused_linear_dino_loss``), which computes logits chunk by chunk
+and overwrites them with their gradient in its forward, uses two earlier kernels:
+``teacher_stats`` (per teacher row and column chunk the max and sum of exps, and the
+column sums) and ``student_loss_grad`` (one program per student row: an online
+log-sum-exp, then loss and gradient block by block).
 """
 
 from __future__ import annotations
@@ -196,75 +202,270 @@ def student_loss_grad(
     return row_loss
 
 
+# The floor kernels (forward / backward of the op on a GPU): a 2-D grid of column chunks x
+# groups of images. A program owns BLOCK columns of IMAGES images and, per image, every
+# teacher view and every student view, so each logit is read from memory once per pass.
+# 512 columns x 8 images at K = 65,536 and B = 64: 128 x 8 = 1,024 programs (about 8 per
+# SM of an H100), each moving 8 x (2 + 10) rows x 2 KB (fp32) through a pipelined loop.
+_FLOOR_BLOCK = 512
+_FLOOR_IMAGES = 8
+_FLOOR_STAGES = 3
+
+
+@triton.jit
+def forward_partials_kernel(
+    s_ptr, t_ptr, c_ptr, t_max_ptr, t_sum_ptr, s_max_ptr, s_sum_ptr, dot_ptr, colsum_ptr,
+    B, K, n_chunks, stride_s, stride_t, inv_ts, inv_tt,
+    S_VIEWS: tl.constexpr, T_VIEWS: tl.constexpr, IMAGES: tl.constexpr, BLOCK: tl.constexpr,
+    T_PAD: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Per (row, chunk) partials: teacher max and sum of exps of (t - c) / T_t; student max
+    and sum of exps of s / T_s; per teacher view i, sum_j exp(y_ij - max_i) (x_j - max_s);
+    per (group, column) the teacher's column sums. Each logit is read once."""
+    chunk = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < K
+    views = tl.arange(0, T_PAD)
+    view_ok = views < T_VIEWS
+    mask = view_ok[:, None] & col_ok[None, :]
+    center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
+    colsum = tl.zeros((BLOCK,), dtype=tl.float32)
+    # a loop of constant trip count with a per-image mask (the last group may be short):
+    # the interpreter cannot take a bound computed from program_id
+    for j in tl.range(0, IMAGES):
+        b = group * IMAGES + j
+        image_ok = b < B
+        t_rows = (views * B + b).to(tl.int64)
+        t_mask = mask & image_ok
+        t = tl.load(t_ptr + t_rows[:, None] * stride_t + cols[None, :], mask=t_mask,
+                    other=0.0).to(tl.float32)
+        colsum += tl.sum(t, axis=0)
+        y = tl.where(t_mask, (t - center[None, :]) * inv_tt, float("-inf"))
+        t_max = tl.max(y, axis=1)
+        t_max = tl.where(t_max == float("-inf"), 0.0, t_max)  # padding views
+        e = tl.exp(y - t_max[:, None])  # 0 where masked
+        t_part = t_rows * n_chunks + chunk
+        tl.store(t_max_ptr + t_part, t_max, mask=view_ok & image_ok)
+        tl.store(t_sum_ptr + t_part, tl.sum(e, axis=1), mask=view_ok & image_ok)
+        s_mask = col_ok & image_ok
+        for v in tl.range(0, S_VIEWS, num_stages=STAGES):
+            row = (v * B + b).to(tl.int64)
+            x = tl.load(s_ptr + row * stride_s + cols, mask=s_mask,
+                        other=float("-inf")).to(tl.float32) * inv_ts
+            s_max = tl.max(x, axis=0)
+            shifted = tl.where(s_mask, x - s_max, 0.0)
+            s_part = row * n_chunks + chunk
+            tl.store(s_max_ptr + s_part, s_max, mask=image_ok)
+            tl.store(s_sum_ptr + s_part, tl.sum(tl.where(s_mask, tl.exp(shifted), 0.0), axis=0),
+                     mask=image_ok)
+            tl.store(dot_ptr + s_part * T_PAD + views, tl.sum(e * shifted[None, :], axis=1),
+                     mask=image_ok)
+    tl.store(colsum_ptr + group * K + cols, colsum, mask=col_ok)
+
+
+@triton.jit
+def _combine_teacher(t_max_ptr, t_sum_ptr, t_row, n_chunks, offs, ok):
+    """A teacher row's max, 1 / sum of exps, and the per-chunk weights exp(max_c - max)/Z."""
+    tm = tl.load(t_max_ptr + t_row * n_chunks + offs, mask=ok, other=float("-inf"))
+    tz = tl.load(t_sum_ptr + t_row * n_chunks + offs, mask=ok, other=0.0)
+    row_max = tl.max(tm, axis=0)
+    scaled = tl.where(ok, tl.exp(tm - row_max), 0.0)
+    inv_z = 1.0 / tl.sum(scaled * tz, axis=0)
+    return row_max, inv_z, scaled * inv_z, tz
+
+
+@triton.jit
+def forward_combine_kernel(
+    t_max_ptr, t_sum_ptr, s_max_ptr, s_sum_ptr, dot_ptr,
+    row_loss_ptr, row_stats_ptr, teacher_max_ptr, teacher_inv_sum_ptr,
+    B, n_chunks,
+    S_VIEWS: tl.constexpr, T_VIEWS: tl.constexpr, CHUNKS: tl.constexpr,
+    T_PAD: tl.constexpr,
+):
+    """One program per student row (its loss, max and log-sum of exps) and per teacher row
+    (its max and 1 / sum of exps, saved for the backward), from the chunk partials."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, CHUNKS)
+    ok = offs < n_chunks
+    n_student_rows = S_VIEWS * B
+    if pid >= n_student_rows:
+        t_row = pid - n_student_rows
+        row_max, inv_z, _, _ = _combine_teacher(t_max_ptr, t_sum_ptr, t_row, n_chunks, offs, ok)
+        tl.store(teacher_max_ptr + t_row, row_max)
+        tl.store(teacher_inv_sum_ptr + t_row, inv_z)
+    else:
+        v = pid // B
+        b = pid % B
+        s_part = pid.to(tl.int64) * n_chunks + offs
+        sm = tl.load(s_max_ptr + s_part, mask=ok, other=float("-inf"))
+        sd = tl.load(s_sum_ptr + s_part, mask=ok, other=0.0)
+        s_max = tl.max(sm, axis=0)
+        lift = tl.where(ok, sm - s_max, 0.0)  # <= 0: chunk max below the row's
+        log_d = tl.log(tl.sum(tl.where(ok, sd * tl.exp(lift), 0.0), axis=0))
+        tl.store(row_stats_ptr + 2 * pid, s_max)
+        tl.store(row_stats_ptr + 2 * pid + 1, log_d)
+        # -sum_j q_j logp_j with logp = (x - max) - log d: log d * sum q - sum q (x - max),
+        # every term of the second sum <= 0, so nothing cancels.
+        loss = 0.0
+        for i in tl.static_range(T_VIEWS):
+            if i != v:
+                _, _, w, tz = _combine_teacher(t_max_ptr, t_sum_ptr, i * B + b, n_chunks,
+                                               offs, ok)
+                dot = tl.load(dot_ptr + s_part * T_PAD + i, mask=ok, other=0.0)
+                q_sum = tl.sum(w * tz, axis=0)
+                qx = tl.sum(tl.where(ok, w * (dot + lift * tz), 0.0), axis=0)
+                loss += log_d * q_sum - qx
+        tl.store(row_loss_ptr + pid, loss)
+
+
+@triton.jit
+def backward_kernel(
+    grad_loss_ptr, s_ptr, t_ptr, c_ptr, row_stats_ptr, teacher_max_ptr, teacher_inv_sum_ptr,
+    g_ptr, B, K, stride_s, stride_t, stride_g, inv_ts, inv_tt, grad_scale,
+    S_VIEWS: tl.constexpr, T_VIEWS: tl.constexpr, IMAGES: tl.constexpr, BLOCK: tl.constexpr,
+    T_PAD: tl.constexpr, STAGES: tl.constexpr,
+):
+    """``grad_loss * grad_scale * dloss/ds``, written once: per image the teacher targets of
+    the chunk are built once and serve every student view. ``grad_loss`` is read here, on
+    the device."""
+    chunk = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < K
+    views = tl.arange(0, T_PAD)
+    view_ok = views < T_VIEWS
+    mask = view_ok[:, None] & col_ok[None, :]
+    center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
+    g_scale = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale * inv_ts
+    for j in tl.range(0, IMAGES):  # constant trip count, masked (see the forward)
+        b = group * IMAGES + j
+        image_ok = b < B
+        t_rows = (views * B + b).to(tl.int64)
+        t_mask = mask & image_ok
+        t = tl.load(t_ptr + t_rows[:, None] * stride_t + cols[None, :], mask=t_mask,
+                    other=0.0).to(tl.float32)
+        t_max = tl.load(teacher_max_ptr + t_rows, mask=view_ok & image_ok, other=0.0)
+        t_inv_sum = tl.load(teacher_inv_sum_ptr + t_rows, mask=view_ok & image_ok, other=0.0)
+        # exp(y - max) / sum, as the forward's statistics were taken (no FMA, see _COMPILE)
+        q = tl.where(t_mask, tl.exp((t - center[None, :]) * inv_tt - t_max[:, None])
+                     * t_inv_sum[:, None], 0.0)
+        s_mask = col_ok & image_ok
+        for v in tl.range(0, S_VIEWS, num_stages=STAGES):
+            row = (v * B + b).to(tl.int64)
+            s_max = tl.load(row_stats_ptr + 2 * row, mask=image_ok, other=0.0)
+            log_d = tl.load(row_stats_ptr + 2 * row + 1, mask=image_ok, other=0.0)
+            x = tl.load(s_ptr + row * stride_s + cols, mask=s_mask, other=0.0).to(tl.float32)
+            p = tl.exp((x * inv_ts - s_max) - log_d)
+            target = tl.sum(tl.where((views != v)[:, None], q, 0.0), axis=0)
+            n_pairs = tl.where(v < T_VIEWS, T_VIEWS - 1, T_VIEWS)
+            grad = (n_pairs * p - target) * g_scale
+            tl.store(g_ptr + row * stride_g + cols, grad.to(g_ptr.dtype.element_ty), mask=s_mask)
+
+
 class Forward(NamedTuple):
-    """What :func:`forward` returns: fp32 per-row losses and log-sum-exps (unused by this
-    backward, kept for the op's saved layout), teacher row statistics, column sums."""
+    """What :func:`forward` returns (fp32): per student row its loss and ``(max, log sum of
+    exps)`` of ``s / student_temp`` (``row_stats``, ``[rows, 2]``); per teacher row the max
+    and 1 / sum of exps of ``(t - center) / teacher_temp``; the teacher's column sums."""
 
     row_loss: torch.Tensor
-    row_lse: torch.Tensor
+    row_stats: torch.Tensor
     teacher_max: torch.Tensor
     teacher_inv_sum: torch.Tensor
     colsum: torch.Tensor
 
 
-def _row_stats(pmax: torch.Tensor, psum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One teacher row's max and 1/sum of exps from its per-chunk partials."""
-    row_max = pmax.amax(dim=1)
-    return row_max, 1.0 / (psum * torch.exp(pmax - row_max[:, None])).sum(dim=1)
+def _floor_grid(B: int, K: int) -> tuple[int, int, int]:
+    """``(block, n_chunks, n_groups)`` of the floor kernels."""
+    block = min(_FLOOR_BLOCK, triton.next_power_of_2(K))
+    return block, triton.cdiv(K, block), triton.cdiv(B, _FLOOR_IMAGES)
 
 
 def forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, *, batch: int,
             n_teacher_views: int, student_temp: float, teacher_temp: float) -> Forward:
-    """The loss side of the op: per-row losses, with the teacher statistics computed once
-    per teacher row and saved for :func:`backward`. No gradient is written."""
-    center = center.reshape(1, -1)
-    (pmax, psum), colsum = teacher_stats(teacher, center, teacher_temp)
-    row_loss = student_loss_grad(student, teacher, center, (pmax, psum), None, row_offset=0,
-                                 batch=batch, n_teacher_views=n_teacher_views,
-                                 student_temp=student_temp, teacher_temp=teacher_temp,
-                                 grad_scale=1.0)
-    t_max, t_inv_sum = _row_stats(pmax, psum)
-    lse = torch.zeros(student.shape[0], device=student.device, dtype=torch.float32)
-    return Forward(row_loss, lse, t_max, t_inv_sum, colsum)
+    """The loss side of the op: every student and teacher logit read once (one 2-D pass of
+    chunk partials, then one small combine); the statistics the backward needs are saved.
+    Rows must be contiguous (any row stride); rows are view-major (view v of image b is
+    row ``v * batch + b``)."""
+    n_rows, K = student.shape
+    n_student_views = n_rows // batch
+    n_teacher = teacher.shape[0]
+    block, n_chunks, n_groups = _floor_grid(batch, K)
+    t_pad = triton.next_power_of_2(n_teacher_views)
+    f32 = {"device": student.device, "dtype": torch.float32}
+    t_max = torch.empty((n_teacher, n_chunks), **f32)
+    t_sum = torch.empty_like(t_max)
+    s_max = torch.empty((n_rows, n_chunks), **f32)
+    s_sum = torch.empty_like(s_max)
+    dots = torch.empty((n_rows, n_chunks, t_pad), **f32)
+    colsums = torch.empty((n_groups, K), **f32)
+    forward_partials_kernel[(n_chunks, n_groups)](
+        student, teacher, center, t_max, t_sum, s_max, s_sum, dots, colsums,
+        batch, K, n_chunks, student.stride(0), teacher.stride(0),
+        1.0 / student_temp, 1.0 / teacher_temp,
+        S_VIEWS=n_student_views, T_VIEWS=n_teacher_views, IMAGES=_FLOOR_IMAGES, BLOCK=block,
+        T_PAD=t_pad, STAGES=_FLOOR_STAGES,
+        num_warps=4, **_COMPILE,
+    )
+    row_loss = torch.empty(n_rows, **f32)
+    row_stats = torch.empty((n_rows, 2), **f32)
+    teacher_max = torch.empty(n_teacher, **f32)
+    teacher_inv_sum = torch.empty(n_teacher, **f32)
+    forward_combine_kernel[(n_rows + n_teacher,)](
+        t_max, t_sum, s_max, s_sum, dots, row_loss, row_stats, teacher_max, teacher_inv_sum,
+        batch, n_chunks, S_VIEWS=n_student_views, T_VIEWS=n_teacher_views,
+        CHUNKS=triton.next_power_of_2(n_chunks), T_PAD=t_pad, num_warps=1, **_COMPILE,
+    )
+    colsum = colsums[0] if n_groups == 1 else colsums.sum(0)
+    return Forward(row_loss, row_stats, teacher_max, teacher_inv_sum, colsum)
 
 
 def backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-             center: torch.Tensor, row_lse: torch.Tensor, teacher_max: torch.Tensor,
+             center: torch.Tensor, row_stats: torch.Tensor, teacher_max: torch.Tensor,
              teacher_inv_sum: torch.Tensor, *, batch: int, n_teacher_views: int,
              student_temp: float, teacher_temp: float, grad_scale: float,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """``grad_loss * grad_scale * dloss/dstudent`` in the student's dtype (into ``out``,
-    which may be ``student`` itself). ``grad_loss`` is a device tensor, never read on the
-    host. The teacher statistics of :func:`forward` enter the student kernel as one chunk.
-
-    Not yet at the traffic floor (issue 16): the student kernel reads the student twice
-    and ``grad_loss`` is applied in a second pass over the gradient.
-    """
-    del row_lse  # the student kernel recomputes the log-sum-exp
+    which may be ``student`` itself: each element is read before the same thread stores
+    it). Reads every student and teacher logit once and writes the gradient once;
+    ``grad_loss`` (a 1-element device tensor) is read by the kernel, never on the host."""
+    n_rows, K = student.shape
     grad = torch.empty_like(student) if out is None else out
-    stats = (teacher_max[:, None].contiguous(), (1.0 / teacher_inv_sum)[:, None].contiguous())
-    student_loss_grad(student, teacher, center.reshape(1, -1), stats, grad, row_offset=0,
-                      batch=batch, n_teacher_views=n_teacher_views, student_temp=student_temp,
-                      teacher_temp=teacher_temp, grad_scale=grad_scale)
-    return grad.mul_(grad_loss.to(grad.dtype))
+    block, n_chunks, n_groups = _floor_grid(batch, K)
+    backward_kernel[(n_chunks, n_groups)](
+        grad_loss, student, teacher, center, row_stats, teacher_max, teacher_inv_sum, grad,
+        batch, K, student.stride(0), teacher.stride(0), grad.stride(0),
+        1.0 / student_temp, 1.0 / teacher_temp, grad_scale,
+        S_VIEWS=n_rows // batch, T_VIEWS=n_teacher_views, IMAGES=_FLOOR_IMAGES, BLOCK=block,
+        T_PAD=triton.next_power_of_2(n_teacher_views),
+        STAGES=_FLOOR_STAGES, num_warps=4, **_COMPILE,
+    )
+    return grad
 
 
 def traffic(n_student_rows: int, n_teacher_rows: int, K: int, element_size: int,
             n_teacher_views: int) -> dict:
-    """Bytes this design moves for forward + backward, and the floors.
+    """Bytes :func:`forward` + :func:`backward` move, and the floors.
 
     ``ideal``: read every student logit once, write its gradient once, read each teacher
     logit once. ``autograd``: the floor under autograd's contract (the loss needs every
     logit in forward; the gradient depends on the upstream gradient, known only in
-    backward, so the student is read again there and the gradient written once).
+    backward, so student and teacher are read again there and the gradient written once).
+    Both passes read each logit once, so the design is the autograd floor plus the
+    partials (fp32 per row and chunk) and the per-group column sums.
     """
     s = n_student_rows * K * element_size
     t = n_teacher_rows * K * element_size
-    pairs_read = n_student_rows * K * element_size * max(1, n_teacher_views - 1)
-    # teacher_stats: teacher once; forward student kernel: student twice + paired teacher
-    # rows once; backward: the same plus the gradient written, then read + written by mul_
-    forward_bytes = t + 2 * s + pairs_read
-    backward_bytes = t + 2 * s + pairs_read + s + 2 * s
+    batch = n_teacher_rows // n_teacher_views
+    _, n_chunks, n_groups = _floor_grid(batch, K)
+    t_pad = triton.next_power_of_2(n_teacher_views)
+    partials = 4 * n_chunks * (2 * n_teacher_rows + (2 + t_pad) * n_student_rows)
+    colsums = 4 * n_groups * K
+    center = 4 * K
+    row_outputs = 4 * (3 * n_student_rows + 2 * n_teacher_rows)
+    # partials and column sums written, then read back once (combine, colsum reduction)
+    forward_bytes = s + t + center + 2 * (partials + colsums) + row_outputs + 4 * K
+    backward_bytes = s + t + center + row_outputs + s
     ideal = s + s + t
     autograd = 2 * s + s + 2 * t
     total = forward_bytes + backward_bytes

@@ -74,17 +74,18 @@ def test_sharp_teachers(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-@pytest.mark.parametrize(("student_block", "teacher_block"), ((128, 64), (256, 16)))
-def test_triton_small_blocks(monkeypatch, dtype, student_block, teacher_block):
-    """The Triton kernels with blocks much smaller than K: many online log-sum-exp steps
-    in the student kernel, many column chunks combined per teacher row."""
+@pytest.mark.parametrize(("block", "images"), ((128, 1), (64, 2), (256, 8)))
+def test_triton_small_blocks(monkeypatch, dtype, block, images):
+    """The Triton kernels with column chunks much smaller than K (many chunk partials
+    merged per row) and few images per program (several groups whose column sums are
+    added; a last group with fewer images than the others)."""
     from conftest import backend_or_skip
 
     backend_or_skip("triton")
     module = _kernels.load("dino_loss")
-    monkeypatch.setattr(module, "_STUDENT_BLOCK", student_block)
-    monkeypatch.setattr(module, "_TEACHER_BLOCK_C", teacher_block)
-    student, teacher, center = make_inputs(4, 2, 2, 1000)
+    monkeypatch.setattr(module, "_FLOOR_BLOCK", block)
+    monkeypatch.setattr(module, "_FLOOR_IMAGES", images)
+    student, teacher, center = make_inputs(4, 2, 5, 1000)
     assert_all_ok(check_dino_loss(student, teacher, center, dtype, "triton", n_student_views=4))
 
 

@@ -62,6 +62,23 @@ def test_matches_formula(backend, dtype, S, B, K, D, chunk):
                                      chunk_rows=chunk))
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_triton_small_blocks(monkeypatch, dtype):
+    """The fused head's Triton kernels with blocks much smaller than K: many online
+    log-sum-exp steps per student row, many column chunks per teacher row."""
+    from conftest import backend_or_skip
+
+    from smsd import _kernels
+
+    backend_or_skip("triton")
+    module = _kernels.load("dino_loss")
+    monkeypatch.setattr(module, "_STUDENT_BLOCK", 128)
+    monkeypatch.setattr(module, "_TEACHER_BLOCK_C", 64)
+    sf, tf, weight, center = make_inputs(4, 2, 2, 1000, 16)
+    assert_all_ok(check_fused_linear(sf, tf, weight, center, dtype, "triton", n_student_views=4,
+                                     chunk_rows=3))
+
+
 def test_only_weight_grad(backend):
     sf, tf, weight, center = make_inputs(4, 2, 2, 200, 16)
     w = weight.float().requires_grad_(True)

@@ -30,12 +30,14 @@ def _inputs(B, N, D, K, dtype, *, repeats=False, index_dtype=torch.int64):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}D{}K{}".format(*s))
 @pytest.mark.parametrize("with_perm", [False, True], ids=["plain", "perm"])
-def test_matches_indexing_exactly(backend, dtype, shape, with_perm):
-    """Without repeated indices both passes only copy rows: results must be bit-identical."""
+@pytest.mark.parametrize("unique", [False, True], ids=["csr", "unique"])
+def test_matches_indexing_exactly(backend, dtype, shape, with_perm, unique):
+    """Without repeated indices both passes only copy rows: results must be bit-identical,
+    whether the backward sorts (``unique=False``) or scatters an inverse index."""
     x, index, perm = _inputs(*shape, dtype)
     perm = perm if with_perm else None
     x1 = x.clone().requires_grad_(True)
-    out = masked_sample(x1, index, perm)
+    out = masked_sample(x1, index, perm, unique=unique)
     expected = oracles.masked_sample(x, index, perm)
     assert out.dtype == dtype and out.shape == expected.shape
     assert torch.equal(out, expected)
@@ -60,6 +62,23 @@ def test_index_dtypes_and_mixed_perm_dtype(backend, index_dtype):
     expected = oracles.masked_sample(x, index, perm)
     assert torch.equal(masked_sample(x, index, perm), expected)
     assert torch.equal(masked_sample(x, index, perm.to(other)), expected)
+
+
+def test_unique_refuses_repeated_indices(backend):
+    x, index, perm = _inputs(2, 9, 4, 5, torch.float32)
+    index[1, 3] = index[1, 0]
+    with pytest.raises(ValueError, match="distinct"):
+        masked_sample(x, index, perm, unique=True)
+
+
+def test_unique_with_strided_gradient(backend):
+    """The inverse-index backward reads a non-contiguous incoming gradient."""
+    x, index, perm = _inputs(3, 21, 10, 8, torch.float32)
+    x1 = x.clone().requires_grad_(True)
+    out = masked_sample(x1, index, perm, unique=True)
+    grad = torch.randn(3, 10, 8).transpose(1, 2)  # [3, 8, 10], strided
+    out.backward(grad)
+    assert torch.equal(x1.grad, oracles.masked_sample_grad(grad, index, perm, 21))
 
 
 def test_non_contiguous_inputs(backend):

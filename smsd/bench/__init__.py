@@ -31,6 +31,9 @@ class Case:
     backend: str  # a backend name or a baseline such as "torch.compile"
     fn: Callable[[], object]
     bytes_moved: int | None = None  # the op's minimum traffic, for GB/s
+    # what this backend's design moves and its floors (kernels' ``traffic()``: total,
+    # floor_ideal, floor_autograd, ratio_ideal, ratio_autograd, in bytes)
+    traffic: dict | None = None
     flops: int | None = None  # for TFLOP/s
     reference: bool = False  # speedups of the group are measured against this row
 

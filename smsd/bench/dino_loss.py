@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import _kernels
 from ..backend import use_backend
 from ..ops import dino_loss, reference
 from ..validation import validation
@@ -56,6 +57,10 @@ def _shape_cases(device, backends, B, S, T, K, dtype) -> list[Case]:
     elt = student.element_size()
     # the floor: read student and teacher once, write the gradient once
     bytes_moved = (2 * S * B + T * B) * K * elt
+    # what the Triton kernels move (forward + backward, partials included): autograd's
+    # contract makes the backward read student and teacher again
+    traffic = (_kernels.load("dino_loss").traffic(S * B, T * B, K, elt, T)
+               if device.type == "cuda" else None)
     cases = []
     for backend in backends:
         op = _op(backend)
@@ -66,6 +71,7 @@ def _shape_cases(device, backends, B, S, T, K, dtype) -> list[Case]:
             op(student, teacher, center, n_student_views=S, n_teacher_views=T).backward()
 
         cases.append(Case("dino_loss", "fwd+bwd", shape, dtype, backend, step, bytes_moved,
+                          traffic=traffic if backend == "triton" else None,
                           reference=backend == "torch"))
     return cases
 

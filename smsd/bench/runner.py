@@ -18,7 +18,7 @@ from ..io import atomic_write_bytes
 from . import OPS, Case, cases_for
 from .cpu_info import cpu_info, cpu_summary
 
-__all__ = ["copy_ceiling_gbps", "environment", "run", "time_ms"]
+__all__ = ["copy_ceiling_gbps", "environment", "measure_cases", "run", "time_ms"]
 
 
 def _sync(device: torch.device) -> None:
@@ -107,6 +107,31 @@ def _measure(case: Case, device: torch.device, budget_s: float) -> dict:
     return row
 
 
+def measure_cases(cases: Sequence[Case], device: torch.device, ceiling_gbps: float,
+                  budget_s: float = 1.0) -> list[dict]:
+    """Time ``cases`` and derive speedup (against the group's reference, measured in the
+    same call), GB/s, % of the copy ceiling, TFLOP/s and the design's traffic."""
+    measured = [(case, _measure(case, device, budget_s)) for case in cases]
+    reference = {case.group: row.get("median_ms") for case, row in measured if case.reference}
+    rows = []
+    for case, row in measured:
+        ms = row.get("median_ms")
+        if ms:
+            ref = reference.get(case.group)
+            row["speedup_vs_reference"] = round(ref / ms, 3) if ref else None
+            if case.bytes_moved:
+                row["GBps"] = round(case.bytes_moved / (ms * 1e-3) / 1e9, 1)
+                row["pct_copy_ceiling"] = round(100 * row["GBps"] / ceiling_gbps, 1)
+            if case.flops:
+                row["TFLOPs"] = round(case.flops / (ms * 1e-3) / 1e12, 2)
+        if case.traffic:
+            row["traffic_MB"] = round(case.traffic["total"] / 1e6, 1)
+            row["traffic_vs_autograd_floor"] = round(case.traffic["ratio_autograd"], 3)
+            row["traffic_vs_ideal_floor"] = round(case.traffic["ratio_ideal"], 3)
+        rows.append(row)
+    return rows
+
+
 def run(
     device: str | torch.device = "cpu",
     ops: Sequence[str] | None = None,
@@ -127,19 +152,7 @@ def run(
     echo(HEADER)
     rows: list[dict] = []
     for op in ops or OPS:
-        cases = cases_for(op, device, size)
-        measured = [(case, _measure(case, device, budget_s)) for case in cases]
-        reference = {case.group: row.get("median_ms") for case, row in measured if case.reference}
-        for case, row in measured:
-            ms = row.get("median_ms")
-            if ms:
-                ref = reference.get(case.group)
-                row["speedup_vs_reference"] = round(ref / ms, 3) if ref else None
-                if case.bytes_moved:
-                    row["GBps"] = round(case.bytes_moved / (ms * 1e-3) / 1e9, 1)
-                    row["pct_copy_ceiling"] = round(100 * row["GBps"] / ceiling, 1)
-                if case.flops:
-                    row["TFLOPs"] = round(case.flops / (ms * 1e-3) / 1e12, 2)
+        for row in measure_cases(cases_for(op, device, size), device, ceiling, budget_s):
             rows.append(row)
             echo(format_row(row))
     report = {"environment": env, "rows": rows}
@@ -173,5 +186,14 @@ def format_row(row: dict) -> str:
         f"{row['op']:<24}{row['mode']:<9}{row['shape']:<28}{row['dtype']:<9}{row['backend']:<22}"
         f"{num('median_ms', '.3f'):>10}{num('peak_mib', '.1f'):>10}"
         f"{num('speedup_vs_reference', '.2f'):>9}{num('GBps', '.1f'):>9}"
-        f"{num('pct_copy_ceiling', '.0f'):>7}{num('TFLOPs', '.2f'):>9}"
+        f"{num('pct_copy_ceiling', '.0f'):>7}{num('TFLOPs', '.2f'):>9}{_traffic(row)}"
     )
+
+
+def _traffic(row: dict) -> str:
+    """What the kernels move against autograd's floor and the ideal one (see the op's
+    ``traffic()``), where the case states it."""
+    if "traffic_MB" not in row:
+        return ""
+    return (f"  moves {row['traffic_MB']:,.0f} MB = {row['traffic_vs_autograd_floor']:.2f}x "
+            f"autograd's floor, {row['traffic_vs_ideal_floor']:.2f}x the ideal")

@@ -214,7 +214,8 @@ def _reference_loss(opts: DinoLossOptions):
 
 def _forward(backend: str, student, teacher, center, opts: DinoLossOptions, with_grad: bool):
     """``(loss, colsum, saved, teacher_max, teacher_inv_sum)``; ``saved`` is the scaled
-    gradient with ``with_grad``, else the rows' log-sum-exp (fp32)."""
+    gradient with ``with_grad``, else the student rows' ``(max, log-sum of exps)``
+    (fp32 ``[rows, 2]``)."""
     n_rows, n_teacher = student.shape[0], teacher.shape[0]
     batch = n_rows // opts.n_student_views
     scale = 1.0 / (opts.n_pairs * batch)
@@ -227,7 +228,7 @@ def _forward(backend: str, student, teacher, center, opts: DinoLossOptions, with
             saved = _library.reference_vjp(loss_fn, (student, teacher, center), (0,),
                                            torch.ones((), **f32))[0]
         else:
-            saved = torch.zeros(n_rows, **f32)
+            saved = torch.zeros((n_rows, 2), **f32)
         return loss, colsum, saved, torch.zeros(n_teacher, **f32), torch.zeros(n_teacher, **f32)
     if backend == "cpp":
         ext = extension()
@@ -237,16 +238,16 @@ def _forward(backend: str, student, teacher, center, opts: DinoLossOptions, with
         row_loss = ext.dino_loss_student(
             student, teacher, center, t_max, t_inv_sum, grad, 0, batch, opts.n_teacher_views,
             opts.student_temp, opts.teacher_temp, scale)
-        saved = grad if with_grad else torch.zeros(n_rows, **f32)
+        saved = grad if with_grad else torch.zeros((n_rows, 2), **f32)
         return row_loss.sum() * scale, colsum, saved, t_max, t_inv_sum
     kernels = _kernels.load("dino_loss")
     fwd = kernels.forward(student, teacher, center, batch=batch,
                           n_teacher_views=opts.n_teacher_views,
                           student_temp=opts.student_temp, teacher_temp=opts.teacher_temp)
-    saved = fwd.row_lse
+    saved = fwd.row_stats
     if with_grad:
         saved = kernels.backward(
-            torch.ones((), **f32), student, teacher, center, fwd.row_lse, fwd.teacher_max,
+            torch.ones((), **f32), student, teacher, center, fwd.row_stats, fwd.teacher_max,
             fwd.teacher_inv_sum, batch=batch, n_teacher_views=opts.n_teacher_views,
             student_temp=opts.student_temp, teacher_temp=opts.teacher_temp, grad_scale=scale)
     return fwd.row_loss.sum() * scale, fwd.colsum, saved, fwd.teacher_max, fwd.teacher_inv_sum
@@ -269,7 +270,7 @@ def _(student, teacher, center, n_student_views, n_teacher_views, student_temp, 
       needs_grad):
     f32 = {"dtype": torch.float32}
     saved = (student.new_empty(student.shape) if needs_grad and saves_gradient(student.device)
-             else student.new_empty((student.shape[0],), **f32))
+             else student.new_empty((student.shape[0], 2), **f32))
     n_teacher = teacher.shape[0]
     return (student.new_empty((), **f32), student.new_empty((student.shape[1],), **f32), saved,
             student.new_empty((n_teacher,), **f32), student.new_empty((n_teacher,), **f32))
@@ -278,7 +279,7 @@ def _(student, teacher, center, n_student_views, n_teacher_views, student_temp, 
 @torch.library.custom_op(BACKWARD_OP, mutates_args=())
 def _dino_loss_backward_op(
     grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-    center: torch.Tensor, row_lse: torch.Tensor, teacher_max: torch.Tensor,
+    center: torch.Tensor, row_stats: torch.Tensor, teacher_max: torch.Tensor,
     teacher_inv_sum: torch.Tensor, n_student_views: int, n_teacher_views: int,
     student_temp: float, teacher_temp: float,
 ) -> torch.Tensor:
@@ -296,7 +297,7 @@ def _dino_loss_backward_op(
             return grad
         if backend == "triton":
             return _kernels.load("dino_loss").backward(
-                grad_loss, student, teacher, center, row_lse, teacher_max, teacher_inv_sum,
+                grad_loss, student, teacher, center, row_stats, teacher_max, teacher_inv_sum,
                 batch=batch, n_teacher_views=n_teacher_views, student_temp=student_temp,
                 teacher_temp=teacher_temp, grad_scale=1.0 / (opts.n_pairs * batch))
         return _library.reference_vjp(_reference_loss(opts), (student, teacher, center),
@@ -304,16 +305,16 @@ def _dino_loss_backward_op(
 
 
 @_dino_loss_backward_op.register_fake
-def _(grad_loss, student, teacher, center, row_lse, teacher_max, teacher_inv_sum,
+def _(grad_loss, student, teacher, center, row_stats, teacher_max, teacher_inv_sum,
       n_student_views, n_teacher_views, student_temp, teacher_temp):
     return torch.empty_like(student)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    student, teacher, center, *options, _needs_grad = inputs
+    student, teacher, center, *options, needs_grad = inputs
     _, _, saved, teacher_max, teacher_inv_sum = output
     ctx.options = options
-    ctx.saved_grad = saved.dim() == 2  # the gradient itself (see saves_gradient)
+    ctx.saved_grad = needs_grad and saves_gradient(student.device)  # see saves_gradient
     if ctx.saved_grad:
         # Held by ctx, not save_for_backward: handed out as is (grad_output 1), this
         # reference makes autograd's accumulation into .grad copy it, never alter it.
