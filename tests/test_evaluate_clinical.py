@@ -273,3 +273,46 @@ def test_cli_help_shows_defaults_and_an_example(capsys):
     assert "(default: auto)" in text and "--positive CLASS" in text
     assert "smsd evaluate --model model.safetensors --data test/ --json eval.json " \
         "--plots eval-plots" in text
+
+
+def test_cli_knn_and_linear_probes(site, tmp_path, capsys):
+    """--knn DIR: the body's frozen CLS features, DIR votes; the numbers match the probes
+    computed by hand on the same features."""
+    from smsd.protocol.probes import knn_accuracy, linear_probe_accuracy
+    from smsd.protocol.classifier_io import load_classifier
+
+    reference = write_pngs(tmp_path / "ref", {"benign": 9, "malignant": 8}, seed=5)
+    out = tmp_path / "eval.json"
+    assert main(evaluate("--model", str(site["model2"]), "--data", str(site["two"]),
+                         "--knn", str(reference), "--linear", "--json", str(out))) == 0
+    text = capsys.readouterr().out
+    probes = json.loads(out.read_text())["probes"]
+    assert probes["reference"] == str(reference) and probes["reference_images"] == 17
+    assert probes["knn"]["k"] == 20 and probes["knn"]["temperature"] == 0.07
+    model = load_classifier(site["model2"])[0]
+    feats = {}
+    for name, folder in (("ref", reference), ("data", site["two"])):
+        tokens, labels, _ = tokens_and_labels(folder)
+        with torch.no_grad():
+            feats[name] = (model.body.eval()(tokens), labels)
+    want_knn = knn_accuracy(*feats["ref"], *feats["data"])
+    want_lin = linear_probe_accuracy(*feats["ref"], *feats["data"])
+    assert probes["knn"]["accuracy"] == pytest.approx(100 * want_knn, abs=0.01)
+    assert probes["linear"]["accuracy"] == pytest.approx(100 * want_lin, abs=0.01)
+    assert f"k-NN {probes['knn']['accuracy']:.2f} %" in text
+
+
+def test_cli_linear_needs_knn_and_a_bad_reference_fails_first(site, tmp_path, capsys,
+                                                              monkeypatch):
+    import smsd.protocol.evaluate as ev
+
+    def never(*a, **k):
+        raise AssertionError("images were read")
+
+    monkeypatch.setattr(ev, "evaluate_model_file", never)
+    assert main(evaluate("--model", str(site["model2"]), "--data", str(site["two"]),
+                         "--linear")) != 0
+    assert "--linear needs --knn" in capsys.readouterr().err
+    assert main(evaluate("--model", str(site["model2"]), "--data", str(site["two"]),
+                         "--knn", str(tmp_path / "missing"))) != 0
+    assert "missing" in capsys.readouterr().err

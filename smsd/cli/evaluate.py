@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import SmsdError
 from .common import (
     add_command,
     add_loader_arg,
@@ -38,6 +39,12 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plots", metavar="DIR", default=None, dest="plots_dir",
                    help="write confusion_matrix.png and, for two classes, roc_curve.png "
                    "into DIR (created; needs matplotlib)")
+    p.add_argument("--knn", metavar="DIR", default=None, dest="knn_dir",
+                   help="also probe the model's body on frozen CLS features: DINO's weighted "
+                   "k-NN (cosine, k = 20, T = 0.07) with the labeled folder DIR (e.g. the "
+                   "client's training images) as the reference set, scored on --data")
+    p.add_argument("--linear", action="store_true",
+                   help="with --knn: also a linear probe (logistic regression) trained on DIR")
     add_loader_arg(p)
     add_progress_arg(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -51,6 +58,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plots_dir is not None:
         require("data", "matplotlib", purpose="--plots")
         check_output_dir(args.plots_dir, "--plots")
+    if args.linear and args.knn_dir is None:
+        raise SmsdError("--linear needs --knn DIR (the images the probe trains on)")
+    if args.knn_dir is not None:
+        from ..data.source import ImageSource
+
+        ImageSource.from_folder(args.knn_dir)  # a bad folder fails before any work
     json_to_stdout = args.json_file == "-"
     if args.json_file is not None and not json_to_stdout:
         check_output_file(args.json_file, "--json", force=True)  # cheap to redo: replaced
@@ -70,6 +83,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_report(result, title=f"{args.model} on {args.data}: {result.images} images, "
                         f"{len(result.classes)} classes"), file=report)
     context = {"model": str(args.model), "data": str(args.data)}
+    if args.knn_dir is not None:
+        from ..protocol.evaluate import probe_model_file
+
+        probes = probe_model_file(args.model, args.knn_dir, args.data, linear=args.linear,
+                                  loader=args.loader, progress=not args.no_progress)
+        context["probes"] = {"reference": str(args.knn_dir), **probes}
+        line = (f"\nbody probes (frozen CLS features, reference {args.knn_dir}: "
+                f"{probes['reference_images']} images): k-NN {probes['knn']['accuracy']:.2f} %")
+        if "linear" in probes:
+            line += f", linear {probes['linear']['accuracy']:.2f} %"
+        print(line, file=report)
     written = []
     if json_to_stdout:
         sys.stdout.write(json_text(result, **context))

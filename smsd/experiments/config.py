@@ -10,7 +10,7 @@ from ..recipe import Recipe
 
 __all__ = ["METHODS", "SimulateConfig"]
 
-METHODS = ("smsd", "finetune-only", "fedavg", "centralized")
+METHODS = ("smsd", "finetune-only", "fedavg", "centralized", "majority")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@
 * fine-tune only: each client trains from the initial body on its labels (0 rounds).
 * FedAvg: supervised, ``rounds`` rounds, the full model goes down and up each round.
 * centralized: one model trained on every client's labels pooled (upper bound).
+* majority class: each client predicts its most frequent labeled class (what the label
+  prior alone scores).
 
 Every supervised step is :func:`~smsd.protocol.training.train_classifier` with the
 recipe's fine-tuning settings; the methods differ only in where the body starts and
@@ -24,10 +26,12 @@ import torch
 from ..data import ClientData
 from ..models import ViTBody
 from ..protocol.client import Client
+from ..protocol.probes import probe
 from ..protocol.server import RunOptions, Server
-from ..protocol.training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
+from ..protocol.training import FinetuneConfig, TokenClassifier, classify, train_classifier
 from .config import SimulateConfig
 from .results import MethodResult
+from .scores import ClientScore, SharedTestSet, score
 
 __all__ = [
     "Clients",
@@ -35,6 +39,7 @@ __all__ = [
     "fedavg",
     "finetune_only",
     "initial_body",
+    "majority",
     "smsd",
 ]
 
@@ -49,26 +54,40 @@ def initial_body(cfg: SimulateConfig) -> ViTBody:
 @dataclass
 class Clients:
     """The simulated clients' data, their labeled and test images embedded by the public
-    head (in patch order: the supervised baselines never see a permutation)."""
+    head (in patch order: the supervised baselines never see a permutation), and the
+    shared class-balanced test set (:mod:`.scores`)."""
 
     data: list[ClientData]
     num_classes: int
     tokens: list[tuple[torch.Tensor, torch.Tensor]]  # (labeled, test) per client
+    shared: SharedTestSet
 
     @classmethod
     def embed(cls, cfg: SimulateConfig, data: list[ClientData], num_classes: int) -> Clients:
         probe = Client(cfg.recipe.model, None)
         tokens = [(probe.tokens(d.labeled_images), probe.tokens(d.test_images)) for d in data]
-        return cls(data, num_classes, tokens)
+        shared = SharedTestSet.balanced(torch.cat([test for _, test in tokens]),
+                                        torch.cat([d.test_labels for d in data]), cfg.seed)
+        return cls(data, num_classes, tokens, shared)
+
+    def probe(self, body: torch.nn.Module, seed: int) -> dict:
+        """k-NN and linear probes of ``body``'s frozen CLS features (per client: its labeled
+        images -> its test split; pooled: all labeled images -> the shared set)."""
+        clients = [(lt, d.labeled_labels, tt, d.test_labels)
+                   for (lt, tt), d in zip(self.tokens, self.data, strict=True)]
+        return probe(body, clients, (self.shared.tokens, self.shared.labels),
+                     seed=seed).to_dict()
+
+    def scores(self, models: list[torch.nn.Module]) -> list[ClientScore]:
+        """Each client's model (one per client) scored on its test split and the shared set."""
+        return [score(lambda x, m=m: classify(m, x), test_t, d.test_labels, self.shared)
+                for m, (_, test_t), d in zip(models, self.tokens, self.data, strict=True)]
 
 
 def _classifier(cfg: SimulateConfig, body: ViTBody, num_classes: int) -> TokenClassifier:
     return TokenClassifier.from_body(body, num_classes, seed=cfg.seed + 1)
 
 
-def _test_accuracies(model: TokenClassifier, clients: Clients) -> list[float]:
-    return [accuracy(model, test_t, d.test_labels)
-            for (_, test_t), d in zip(clients.tokens, clients.data, strict=True)]
 
 
 def _state_bytes(module: torch.nn.Module) -> int:
@@ -109,17 +128,16 @@ def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> M
                     options=RunOptions(checkpoint_every=pretrain.epochs))
     body_path = work / "body.safetensors"
     body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress)
-    accs = []
     for site, d in zip(sites, clients.data, strict=True):
-        metrics = site.finetune(body, d.labeled_images, d.labeled_labels,
-                                num_classes=clients.num_classes, config=recipe.smsd_finetune,
-                                test_images=d.test_images, test_labels=d.test_labels)
-        accs.append(metrics["test_accuracy"])
+        site.finetune(body, d.labeled_images, d.labeled_labels,
+                      num_classes=clients.num_classes, config=recipe.smsd_finetune)
     up = sum(os.path.getsize(s) for s in shards) // len(shards)
     privacy = server.privacy_record()
-    return MethodResult("SMSD", accs, 1, up, os.path.getsize(body_path), 0.0,
-                        dp_epsilon=None if privacy is None else privacy["epsilon_spent"],
-                        membership=_membership(cfg, clients, body))
+    return MethodResult.scored("SMSD", clients.scores([s.model for s in sites]), 1, up,
+                               os.path.getsize(body_path),
+                               dp_epsilon=None if privacy is None else privacy["epsilon_spent"],
+                               membership=_membership(cfg, clients, body),
+                               probe=clients.probe(body, cfg.seed))
 
 
 def _membership(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> dict | None:
@@ -138,12 +156,35 @@ def _membership(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> dict | 
 
 
 def finetune_only(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
-    accs = []
-    for (train_t, test_t), d in zip(clients.tokens, clients.data, strict=True):
+    models = []
+    for (train_t, _), d in zip(clients.tokens, clients.data, strict=True):
         model = _classifier(cfg, body, clients.num_classes)
         train_classifier(model, train_t, d.labeled_labels, cfg.recipe.finetune)
-        accs.append(accuracy(model, test_t, d.test_labels))
-    return MethodResult("fine-tune only", accs, 0, 0, 0, 0.0)
+        models.append(model)
+    # its probe: the body it starts from, with no pre-training (random init)
+    return MethodResult.scored("fine-tune only", clients.scores(models), 0, 0, 0,
+                               probe=clients.probe(body, cfg.seed))
+
+
+class _Constant(torch.nn.Module):
+    """Predicts one class for every input (logits one-hot on ``cls``)."""
+
+    def __init__(self, cls: int, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.nn.functional.one_hot(
+            torch.tensor(cls), num_classes).float())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(tokens.shape[0], -1)
+
+
+def majority(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
+    """Each client predicts the most frequent class among its labels (ties: the lowest)."""
+    del cfg, body
+    models = [_Constant(int(torch.bincount(d.labeled_labels,
+                                           minlength=clients.num_classes).argmax()),
+                        clients.num_classes) for d in clients.data]
+    return MethodResult.scored("majority class", clients.scores(models), 0, 0, 0)
 
 
 def fedavg(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
@@ -167,8 +208,9 @@ def fedavg(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult
                     for k in states[0]}
         global_model.load_state_dict(averaged)
     size = _state_bytes(global_model)
-    return MethodResult("FedAvg", _test_accuracies(global_model, clients), cfg.rounds,
-                        cfg.rounds * size, cfg.rounds * size, 0.0)
+    return MethodResult.scored("FedAvg", clients.scores([global_model] * len(clients.data)),
+                               cfg.rounds, cfg.rounds * size, cfg.rounds * size,
+                               probe=clients.probe(global_model.body, cfg.seed))
 
 
 def centralized(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
@@ -179,4 +221,5 @@ def centralized(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodR
     # Pooling means uploading the labeled images (fp32 tensors) and their labels.
     up = sum(d.labeled_images.numel() * 4 + d.labeled_labels.numel() * 8
              for d in clients.data) // len(clients.data)
-    return MethodResult("centralized", _test_accuracies(model, clients), 1, up, 0, 0.0)
+    return MethodResult.scored("centralized", clients.scores([model] * len(clients.data)), 1,
+                               up, 0, probe=clients.probe(model.body, cfg.seed))

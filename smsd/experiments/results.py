@@ -31,6 +31,22 @@ class MethodResult:
     # membership-inference attack on it (smsd.audit.membership)
     dp_epsilon: float | None = None
     membership: dict | None = None
+    # per client: balanced accuracy on its own test split, accuracy on the shared
+    # class-balanced test set (smsd.experiments.scores); None where not measured (Flower)
+    balanced: list[float] | None = None
+    shared: list[float] | None = None
+    # k-NN / linear probes of the row's body (smsd.protocol.probes.ProbeScores.to_dict, in
+    # %): SMSD's returned body, the random init fine-tune only starts from, FedAvg's and
+    # centralized's trained bodies
+    probe: dict | None = None
+
+    @classmethod
+    def scored(cls, method: str, scores: list, rounds: int, bytes_up: int, bytes_down: int,
+               **extra) -> MethodResult:
+        """A row from per-client :class:`~smsd.experiments.scores.ClientScore` s."""
+        return cls(method, [s.local for s in scores], rounds, bytes_up, bytes_down, 0.0,
+                   balanced=[s.balanced for s in scores], shared=[s.shared for s in scores],
+                   **extra)
 
     @property
     def mean_accuracy(self) -> float:
@@ -40,27 +56,68 @@ class MethodResult:
     def min_accuracy(self) -> float:
         return min(self.accuracies)
 
+    @property
+    def mean_balanced(self) -> float | None:
+        return None if self.balanced is None else sum(self.balanced) / len(self.balanced)
+
+    @property
+    def min_balanced(self) -> float | None:
+        return None if self.balanced is None else min(self.balanced)
+
+    @property
+    def mean_shared(self) -> float | None:
+        return None if self.shared is None else sum(self.shared) / len(self.shared)
+
     def row(self) -> dict:
         return {"method": self.method, "mean_acc": round(100 * self.mean_accuracy, 2),
                 "min_acc": round(100 * self.min_accuracy, 2), "rounds": self.rounds,
                 "bytes_up_per_client": self.bytes_up, "bytes_down_per_client": self.bytes_down,
                 "wall_s": round(self.seconds, 2),
                 "client_acc": [round(100 * a, 2) for a in self.accuracies],
+                **({} if self.balanced is None else {
+                    "mean_bal_acc": round(100 * self.mean_balanced, 2),
+                    "min_bal_acc": round(100 * self.min_balanced, 2),
+                    "shared_acc": round(100 * self.mean_shared, 2),
+                    "client_bal_acc": [round(100 * a, 2) for a in self.balanced],
+                    "client_shared_acc": [round(100 * a, 2) for a in self.shared]}),
+                **({} if self.probe is None else {
+                    "knn_pooled": self.probe["pooled_knn"],
+                    "linear_pooled": self.probe["pooled_linear"],
+                    "knn_client_mean": self.probe["mean_knn"],
+                    "linear_client_mean": self.probe["mean_linear"], "probe": self.probe}),
                 **({} if self.dp_epsilon is None else {"dp_epsilon": self.dp_epsilon}),
                 **({} if self.membership is None else
                    {"membership_auc": round(self.membership["auc"], 4),
                     "membership": self.membership})}
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
 def format_row(r: MethodResult) -> str:
     return (f"{r.method:<16}{100 * r.mean_accuracy:>9.2f}{100 * r.min_accuracy:>9.2f}"
+            f"{_pct(r.mean_balanced):>9}{_pct(r.min_balanced):>9}{_pct(r.mean_shared):>9}"
+            f"{_probe(r, 'pooled_knn'):>7}{_probe(r, 'pooled_linear'):>8}"
             f"{r.rounds:>8}{_human(r.bytes_up):>12}{_human(r.bytes_down):>12}{r.seconds:>9.1f}")
 
 
+def _probe(r: MethodResult, key: str) -> str:
+    return "-" if r.probe is None else f"{r.probe[key]:.1f}"
+
+
+HEADER = (f"{'method':<16}{'mean acc':>9}{'min acc':>9}{'mean bal':>9}{'min bal':>9}"
+          f"{'shared':>9}{'kNN':>7}{'linear':>8}{'rounds':>8}{'up/client':>12}"
+          f"{'down/client':>12}{'wall s':>9}")
+LEGEND = ("acc: on each client's own test split; bal: balanced accuracy there (mean recall "
+          "over its classes); shared: accuracy on one class-balanced test set of all "
+          "clients;\nkNN / linear: probes of the row's body (frozen CLS features, all labeled "
+          "images -> the shared set; fine-tune only: the random init it starts from)")
+
+
 def format_table(results: list[MethodResult]) -> str:
-    head = (f"{'method':<16}{'mean acc':>9}{'min acc':>9}{'rounds':>8}{'up/client':>12}"
-            f"{'down/client':>12}{'wall s':>9}")
-    lines = [head, *(format_row(r) for r in results)]
+    head = HEADER
+    lines = [head, *(format_row(r) for r in results), LEGEND]
     for r in results:
         if r.dp_epsilon is not None:
             lines.append(f"{r.method}: differential privacy ε = {r.dp_epsilon:.3g} per image")
@@ -95,8 +152,9 @@ def write_results(results: list[MethodResult], config: object, out: Path) -> lis
     rows = [r.row() for r in results]
     payload = {"config": json.loads(json.dumps(asdict(config), default=str)), "results": rows}
     atomic_write_bytes(out / "results.json", (json.dumps(payload, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "results.csv",
-                       _csv(rows, [k for k in rows[0] if k != "client_acc"]))
+    fields = list(dict.fromkeys(k for row in rows for k in row
+                                if not k.startswith("client_") and k != "probe"))
+    atomic_write_bytes(out / "results.csv", _csv(rows, fields))
     written = [out / "results.json", out / "results.csv"]
     if not available("matplotlib"):
         log.warning("results.png skipped: matplotlib is not installed "
@@ -112,13 +170,19 @@ def _plot(results: list[MethodResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
     names = [r.method for r in results]
     xs = range(len(results))
-    for offset, label, values in ((-0.2, "mean", [r.mean_accuracy for r in results]),
-                                  (0.2, "min", [r.min_accuracy for r in results])):
-        bars = ax.bar([x + offset for x in xs], [100 * v for v in values], 0.4, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    series = (("mean", [r.mean_accuracy for r in results]),
+              ("min", [r.min_accuracy for r in results]),
+              ("mean balanced", [r.mean_balanced for r in results]),
+              ("shared balanced set", [r.mean_shared for r in results]))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        bars = ax.bar([x + offset for x in xs], [0 if v is None else 100 * v for v in values],
+                      width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=6)
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("client test accuracy (%)")
     ax.set_ylim(0, 105)
@@ -149,6 +213,19 @@ def summary_rows(runs: dict[int, list[MethodResult]]) -> list[dict]:
                          statistics.fmean(r.bytes_down for r in per_seed)),
                      "wall_s": round(statistics.fmean(r.seconds for r in per_seed), 2),
                      "per_seed_mean_acc": [round(m, 2) for m in means]})
+        if all(r.probe is not None for r in per_seed):
+            for key in ("pooled_knn", "pooled_linear", "mean_knn", "mean_linear"):
+                values = [r.probe[key] for r in per_seed]
+                rows[-1] |= {f"probe_{key}": round(statistics.fmean(values), 2),
+                             f"probe_{key}_std": round(std(values), 2)}
+        if all(r.balanced is not None for r in per_seed):
+            for key, values in (("mean_bal_acc", [r.mean_balanced for r in per_seed]),
+                                ("min_bal_acc", [r.min_balanced for r in per_seed]),
+                                ("shared_acc", [r.mean_shared for r in per_seed])):
+                values = [100 * v for v in values]
+                rows[-1] |= {key: round(statistics.fmean(values), 2),
+                             f"{key}_std": round(std(values), 2),
+                             f"per_seed_{key}": [round(v, 2) for v in values]}
         if all(r.dp_epsilon is not None for r in per_seed):
             rows[-1]["dp_epsilon"] = max(r.dp_epsilon for r in per_seed)
         if all(r.membership is not None for r in per_seed):
@@ -164,7 +241,8 @@ def write_summary(runs: dict[int, list[MethodResult]], out: Path) -> None:
     rows = summary_rows(runs)
     atomic_write_bytes(out / "summary.json", (json.dumps(
         {"seeds": list(runs), "results": rows}, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "summary.csv", _csv(rows, list(rows[0])))
+    atomic_write_bytes(out / "summary.csv",
+                       _csv(rows, list(dict.fromkeys(k for row in rows for k in row))))
 
 
 def format_summary(runs: dict[int, list[MethodResult]]) -> str:
@@ -178,6 +256,15 @@ def format_summary(runs: dict[int, list[MethodResult]]) -> str:
                      f"{_human(r['bytes_up_per_client']):>12}"
                      f"{_human(r['bytes_down_per_client']):>12}  "
                      + " ".join(f"{m:.2f}" for m in r["per_seed_mean_acc"]))
+        if "mean_bal_acc" in r:
+            lines.append(f"{'':<16}balanced acc {r['mean_bal_acc']:.2f} ± "
+                         f"{r['mean_bal_acc_std']:.2f} (min {r['min_bal_acc']:.2f} ± "
+                         f"{r['min_bal_acc_std']:.2f}); shared balanced set "
+                         f"{r['shared_acc']:.2f} ± {r['shared_acc_std']:.2f}")
+        if "probe_pooled_knn" in r:
+            lines.append(f"{'':<16}body probes: kNN {r['probe_pooled_knn']:.2f} ± "
+                         f"{r['probe_pooled_knn_std']:.2f}, linear {r['probe_pooled_linear']:.2f}"
+                         f" ± {r['probe_pooled_linear_std']:.2f}")
         if "dp_epsilon" in r:
             lines.append(f"{'':<16}differential privacy: ε = {r['dp_epsilon']:.3g} per image")
         if "membership_auc" in r:

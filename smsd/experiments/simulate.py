@@ -1,9 +1,11 @@
 """``smsd simulate``: the protocol against its baselines on one machine.
 
 K simulated clients hold a non-IID (Dirichlet label-skew) split of a data set, with
-labels for a fraction of their images and a local test set; the four methods of
+labels for a fraction of their images and a local test set; the methods of
 :mod:`.methods` run on them. Reported per method: mean and min client test accuracy,
-rounds, bytes uploaded and downloaded per client (mean over clients), wall time.
+mean and min balanced accuracy, accuracy on the shared class-balanced test set
+(:mod:`.scores`), rounds, bytes uploaded and downloaded per client (mean over clients),
+wall time.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
         + ", ".join(f"{d.train_images.shape[0]}/{d.labeled_labels.numel()}/"
                     f"{d.test_labels.numel()}" for d in data))
     clients = methods.Clients.embed(cfg, data, num_classes)
+    log(f"shared class-balanced test set: {clients.shared.labels.numel()} images "
+        f"({clients.shared.per_class} per class, from the clients' pooled test splits)")
     body = methods.initial_body(cfg)
     results = []
     if "smsd" in cfg.methods:
@@ -61,7 +65,7 @@ def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
                 results.append(_timed(lambda: methods.smsd(cfg, clients, Path(tmp), progress)))
         log(format_row(results[-1]))
     baselines = {"finetune-only": methods.finetune_only, "fedavg": methods.fedavg,
-                 "centralized": methods.centralized}
+                 "centralized": methods.centralized, "majority": methods.majority}
     for name, run in baselines.items():
         if name in cfg.methods:
             results.append(_timed(lambda run=run: run(cfg, clients, body)))

@@ -60,3 +60,35 @@ def score_loader(model: TokenClassifier, client: Client, loader, *,
     if not labels:
         raise ValueError("the loader yielded no images: there is nothing to evaluate")
     return torch.cat(labels).numpy(), torch.cat(probabilities).numpy()
+
+
+def probe_model_file(path: str | PathLike, reference: str | PathLike, data: str | PathLike, *,
+                     linear: bool = False, loader: str = "auto",
+                     progress: bool = False) -> dict:
+    """k-NN (and with ``linear`` a linear probe) of the body of ``path`` on frozen CLS
+    features: the labeled folder ``reference`` votes / trains, ``data`` is scored
+    (:mod:`smsd.protocol.probes`). Classes are matched by name. Returns accuracies in %."""
+    from .probes import KNN_K, KNN_TEMPERATURE, cls_features, knn_accuracy, linear_probe_accuracy
+
+    model, config, _, fingerprint = load_classifier(path)
+    client = Client.for_trained(config, fingerprint, str(path))
+    sources = {name: ImageSource.from_folder(folder)
+               for name, folder in (("reference", reference), ("data", data))}
+    names = sorted(set(sources["reference"].classes) | set(sources["data"].classes))
+    feats = {}
+    for name, source in sources.items():
+        images = make_loader(source, img_size=config.img_size, in_chans=config.in_chans,
+                             mode="eval", loader=loader)
+        tokens, labels = client._tokens_and_labels(images, None,
+                                                   f"read {name}" if progress else None)
+        remap = torch.tensor([names.index(c) for c in source.classes])
+        feats[name] = (cls_features(model.body, tokens), remap[labels])
+    result = {"knn": {"k": KNN_K, "temperature": KNN_TEMPERATURE,
+                      "accuracy": round(100 * knn_accuracy(*feats["reference"],
+                                                           *feats["data"]), 2)},
+              "reference_images": int(feats["reference"][1].numel()),
+              "data_images": int(feats["data"][1].numel())}
+    if linear:
+        result["linear"] = {"accuracy": round(100 * linear_probe_accuracy(
+            *feats["reference"], *feats["data"]), 2)}
+    return result
