@@ -17,8 +17,9 @@ __all__ = ["EXTRAS", "ExtraStatus", "MissingExtraError", "available", "extra_sta
 
 # extra → (modules it provides, what needs it)
 EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
-    "data": (("PIL", "sklearn", "matplotlib"),
-             "image folders (Pillow), the bundled digits (scikit-learn), the simulate plot"),
+    "data": (("PIL", "sklearn", "matplotlib", "skimage"),
+             "image folders (Pillow), the bundled digits (scikit-learn), the simulate plot, "
+             "the bundled textures (scikit-image)"),
     "dicom": (("pydicom",), "DICOM images"),
     "audit": (("scipy", "sklearn", "dp_accounting"),
               "smsd audit (assignment and graph matching, the prior's covariance, ε)"),

@@ -278,8 +278,8 @@ def test_cli_help_shows_defaults_and_an_example(capsys):
 def test_cli_knn_and_linear_probes(site, tmp_path, capsys):
     """--knn DIR: the body's frozen CLS features, DIR votes; the numbers match the probes
     computed by hand on the same features."""
-    from smsd.protocol.probes import knn_accuracy, linear_probe_accuracy
     from smsd.protocol.classifier_io import load_classifier
+    from smsd.protocol.probes import knn_accuracy, linear_probe_accuracy
 
     reference = write_pngs(tmp_path / "ref", {"benign": 9, "malignant": 8}, seed=5)
     out = tmp_path / "eval.json"

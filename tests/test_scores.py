@@ -97,3 +97,15 @@ def test_probes_tell_features_from_noise():
     tr, te = slice(0, 200), slice(200, 300)
     assert linear_probe_accuracy(informative[tr], labels[tr], informative[te], labels[te]) > 0.9
     assert linear_probe_accuracy(noise[tr], labels[tr], noise[te], labels[te]) < 0.6
+
+
+def test_smsd_row_keeps_loss_and_knn_per_epoch(tmp_path):
+    from smsd.data import DataSplit
+    from smsd.experiments import SimulateConfig, simulate
+
+    cfg = SimulateConfig(split=DataSplit(clients=2), methods=("smsd",)).quick()
+    (row,) = simulate(cfg, tmp_path, progress=False, log=lambda _: None)
+    assert [h["epoch"] for h in row.history] == list(range(cfg.recipe.pretrain.epochs))
+    assert all(0 <= h["knn"] <= 100 and h["loss"] > 0 for h in row.history)
+    saved = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    assert saved["pretrain_history"] == row.history

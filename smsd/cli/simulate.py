@@ -33,7 +33,8 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
   smsd simulate --out demo-out                  # the README's table (digits, 4 clients)
   smsd simulate --quick --out /tmp/smoke        # seconds: a smoke test
   smsd simulate --dataset folder:scans --clients 2 --seeds 0 1 2 --out scans-results""")
-    p.add_argument("--dataset", default=s.dataset, help="'digits' (bundled) or 'folder:PATH'")
+    p.add_argument("--dataset", default=s.dataset,
+                   help="'digits' or 'textures' (bundled) or 'folder:PATH'")
     p.add_argument("--clients", type=positive_int, default=s.clients,
                    help="number of simulated clients (hospitals)")
     p.add_argument("--alpha", type=positive_float, default=s.alpha,
@@ -137,6 +138,8 @@ def _check_extras(args: argparse.Namespace) -> None:
     optional: without matplotlib it is skipped with a warning)."""
     if args.dataset == "digits":
         require("data", "sklearn", purpose="--dataset digits")
+    elif args.dataset == "textures":
+        require("data", "skimage", "sklearn", "PIL", purpose="--dataset textures")
     elif args.loader != "dali" and not (args.loader == "auto" and available("nvidia.dali")):
         require("data", "PIL", purpose=f"--dataset {args.dataset} with the torch loader")
     if args.engine == "flower":

@@ -1,4 +1,5 @@
-"""Data sets by name: the bundled digits, or a folder of images (one sub-folder per class)."""
+"""Data sets by name: the bundled digits or textures, or a folder of images (one sub-folder
+per class)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from .digits import load_digits
 from .loaders import collect, make_loader
 from .source import ImageSource
+from .textures import load_textures
 
 __all__ = ["Dataset", "load_dataset"]
 
@@ -20,15 +22,21 @@ class Dataset(NamedTuple):
 
 
 def load_dataset(spec: str, *, img_size: int, in_chans: int, loader: str = "auto") -> Dataset:
-    """``"digits"`` (scikit-learn's 8x8 digits, resized) or ``"folder:PATH"`` (read through
+    """``"digits"`` (scikit-learn's 8x8 digits, resized), ``"textures"`` (patches of the
+    photographs bundled with scikit-image and scikit-learn,
+    :func:`~smsd.data.textures.load_textures`) or ``"folder:PATH"`` (read through
     :func:`~smsd.data.make_loader` with ``loader``), at the model's size and channels."""
-    if spec == "digits":
-        images, labels = load_digits(img_size)
+    if spec in ("digits", "textures"):
+        if spec == "digits":
+            (images, labels), num_classes = load_digits(img_size), 10
+        else:
+            images, labels, names = load_textures(img_size)
+            num_classes = len(names)
         if in_chans != 1:
             images = images.expand(-1, in_chans, -1, -1).contiguous()
-        return Dataset(images, labels, 10)
+        return Dataset(images, labels, num_classes)
     if spec.startswith("folder:"):
         source = ImageSource.from_folder(spec[len("folder:"):])
         batch = collect(make_loader(source, img_size=img_size, in_chans=in_chans, loader=loader))
         return Dataset(batch.images, batch.labels, len(source.classes))
-    raise ValueError(f"dataset must be 'digits' or 'folder:PATH', got {spec!r}")
+    raise ValueError(f"dataset must be 'digits', 'textures' or 'folder:PATH', got {spec!r}")

@@ -78,6 +78,16 @@ class Clients:
         return probe(body, clients, (self.shared.tokens, self.shared.labels),
                      seed=seed).to_dict()
 
+    def knn_pooled(self, body: torch.nn.Module) -> float:
+        """k-NN accuracy (%) of ``body``: all labeled images vote, the shared set is scored."""
+        from ..protocol.probes import cls_features, knn_accuracy
+
+        labeled = torch.cat([lt for lt, _ in self.tokens])
+        labels = torch.cat([d.labeled_labels for d in self.data])
+        return round(100 * knn_accuracy(cls_features(body, labeled), labels,
+                                        cls_features(body, self.shared.tokens),
+                                        self.shared.labels), 2)
+
     def scores(self, models: list[torch.nn.Module]) -> list[ClientScore]:
         """Each client's model (one per client) scored on its test split and the shared set."""
         return [score(lambda x, m=m: classify(m, x), test_t, d.test_labels, self.shared)
@@ -127,7 +137,10 @@ def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> M
     server = Server(recipe.model, pretrain, head_fingerprint=sites[0].fingerprint,
                     options=RunOptions(checkpoint_every=pretrain.epochs))
     body_path = work / "body.safetensors"
-    body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress)
+    # per epoch, besides the loss: the teacher body's k-NN accuracy (labels are at hand in
+    # a simulation; a real server has none)
+    body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress,
+                           epoch_metrics=lambda b: {"knn": clients.knn_pooled(b)})
     for site, d in zip(sites, clients.data, strict=True):
         site.finetune(body, d.labeled_images, d.labeled_labels,
                       num_classes=clients.num_classes, config=recipe.smsd_finetune)
@@ -137,7 +150,9 @@ def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> M
                                os.path.getsize(body_path),
                                dp_epsilon=None if privacy is None else privacy["epsilon_spent"],
                                membership=_membership(cfg, clients, body),
-                               probe=clients.probe(body, cfg.seed))
+                               probe=clients.probe(body, cfg.seed),
+                               history=[{k: r[k] for k in ("epoch", "loss", "knn")}
+                                        for r in server.history])
 
 
 def _membership(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> dict | None:

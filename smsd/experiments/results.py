@@ -39,6 +39,8 @@ class MethodResult:
     # %): SMSD's returned body, the random init fine-tune only starts from, FedAvg's and
     # centralized's trained bodies
     probe: dict | None = None
+    # SMSD only: per pre-training epoch the mean loss and the teacher body's k-NN accuracy
+    history: list[dict] | None = None
 
     @classmethod
     def scored(cls, method: str, scores: list, rounds: int, bytes_up: int, bytes_down: int,
@@ -85,6 +87,7 @@ class MethodResult:
                     "linear_pooled": self.probe["pooled_linear"],
                     "knn_client_mean": self.probe["mean_knn"],
                     "linear_client_mean": self.probe["mean_linear"], "probe": self.probe}),
+                **({} if self.history is None else {"pretrain_history": self.history}),
                 **({} if self.dp_epsilon is None else {"dp_epsilon": self.dp_epsilon}),
                 **({} if self.membership is None else
                    {"membership_auc": round(self.membership["auc"], 4),
@@ -153,7 +156,8 @@ def write_results(results: list[MethodResult], config: object, out: Path) -> lis
     payload = {"config": json.loads(json.dumps(asdict(config), default=str)), "results": rows}
     atomic_write_bytes(out / "results.json", (json.dumps(payload, indent=2) + "\n").encode())
     fields = list(dict.fromkeys(k for row in rows for k in row
-                                if not k.startswith("client_") and k != "probe"))
+                                if not k.startswith("client_")
+                                and k not in ("probe", "pretrain_history")))
     atomic_write_bytes(out / "results.csv", _csv(rows, fields))
     written = [out / "results.json", out / "results.csv"]
     if not available("matplotlib"):

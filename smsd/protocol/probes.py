@@ -30,7 +30,8 @@ def cls_features(body: torch.nn.Module, tokens: torch.Tensor,
     was_training = body.training
     body.eval()
     try:
-        return torch.cat([body(tokens[i:i + batch_size].float()).float()
+        device = next(body.parameters()).device
+        return torch.cat([body(tokens[i:i + batch_size].to(device).float()).float().cpu()
                           for i in range(0, tokens.shape[0], batch_size)])
     finally:
         body.train(was_training)

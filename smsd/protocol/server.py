@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -104,7 +104,8 @@ class Server:
                  out: str | os.PathLike | None = None,
                  work_dir: str | os.PathLike | None = None, resume: bool = False,
                  overwrite: bool = False, stop_after: int | None = None,
-                 progress: bool = True) -> ViTBody:
+                 progress: bool = True,
+                 epoch_metrics: Callable[[torch.nn.Module], dict] | None = None) -> ViTBody:
         """Masked sampling distillation on the shards; returns the trained (teacher) body.
 
         Runs data-parallel when a ``torch.distributed`` process group is initialized (see
@@ -124,6 +125,9 @@ class Server:
             stop_after: stop after this many epochs (checkpointed), e.g. to time-slice a
                 job; schedules still follow ``epochs``.
             progress: show a tqdm progress bar (rank 0).
+            epoch_metrics: called after each epoch with the teacher's body (in eval mode,
+                on its device); what it returns joins that epoch's line of the history and
+                ``metrics.jsonl`` (e.g. a k-NN probe when labels are at hand: a simulation).
         """
         cfg = self.train_config
         ranks = current_ranks()
@@ -150,7 +154,8 @@ class Server:
         try:
             with deterministic_mode(self.options.deterministic):
                 return self._train(tokens, batch, rows, ranks, out=out, work=work,
-                                   resume=resume, stop_after=stop_after, progress=progress)
+                                   resume=resume, stop_after=stop_after, progress=progress,
+                                   epoch_metrics=epoch_metrics)
         finally:
             torch.set_num_threads(threads)  # a deterministic resume may have changed it
 
@@ -177,7 +182,8 @@ class Server:
 
     def _train(self, tokens: torch.Tensor, batch: int, rows: slice, ranks: Ranks, *,
                out: str | os.PathLike | None, work: Path | None, resume: bool,
-               stop_after: int | None, progress: bool) -> ViTBody:
+               stop_after: int | None, progress: bool,
+               epoch_metrics: Callable[[torch.nn.Module], dict] | None) -> ViTBody:
         from tqdm.auto import tqdm
 
         cfg, opts = self.train_config, self.options
@@ -269,6 +275,11 @@ class Server:
                       "seconds": time.perf_counter() - started}
             if self.privacy is not None:
                 record["dp_epsilon"] = self.privacy.spent(last + 1)
+            if epoch_metrics is not None:
+                body = run.teacher.body
+                was_training = body.training
+                record |= epoch_metrics(body.eval())
+                body.train(was_training)
             self.history.append(record)
             position = Position(epoch=epoch + 1)
             if work is None:
