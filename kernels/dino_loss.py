@@ -213,6 +213,28 @@ _FLOOR_STAGES = 3
 
 
 @triton.jit
+def _chunk(c_ptr, chunk, K, BLOCK: tl.constexpr, T_PAD: tl.constexpr, T_VIEWS: tl.constexpr):
+    """A floor kernel's column chunk: columns, their mask, the teacher views (padded to
+    T_PAD), the [views x columns] mask and the chunk of the center."""
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < K
+    views = tl.arange(0, T_PAD)
+    view_ok = views < T_VIEWS
+    mask = view_ok[:, None] & col_ok[None, :]
+    return cols, col_ok, views, view_ok, mask, tl.load(c_ptr + cols, mask=col_ok, other=0.0)
+
+
+@triton.jit
+def _teacher_tile(t_ptr, stride_t, B, b, image_ok, views, cols, mask):
+    """Image ``b``'s teacher rows (one per view) of the chunk, fp32, with their row numbers
+    and mask (all off past the last image)."""
+    t_rows = (views * B + b).to(tl.int64)
+    t_mask = mask & image_ok
+    t = tl.load(t_ptr + t_rows[:, None] * stride_t + cols[None, :], mask=t_mask, other=0.0)
+    return t_rows, t_mask, t.to(tl.float32)
+
+
+@triton.jit
 def forward_partials_kernel(
     s_ptr, t_ptr, c_ptr, t_max_ptr, t_sum_ptr, s_max_ptr, s_sum_ptr, dot_ptr, colsum_ptr,
     B, K, n_chunks, stride_s, stride_t, inv_ts, inv_tt,
@@ -224,22 +246,14 @@ def forward_partials_kernel(
     per (group, column) the teacher's column sums. Each logit is read once."""
     chunk = tl.program_id(0)
     group = tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < K
-    views = tl.arange(0, T_PAD)
-    view_ok = views < T_VIEWS
-    mask = view_ok[:, None] & col_ok[None, :]
-    center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
+    cols, col_ok, views, view_ok, mask, center = _chunk(c_ptr, chunk, K, BLOCK, T_PAD, T_VIEWS)
     colsum = tl.zeros((BLOCK,), dtype=tl.float32)
     # a loop of constant trip count with a per-image mask (the last group may be short):
     # the interpreter cannot take a bound computed from program_id
     for j in tl.range(0, IMAGES):
         b = group * IMAGES + j
         image_ok = b < B
-        t_rows = (views * B + b).to(tl.int64)
-        t_mask = mask & image_ok
-        t = tl.load(t_ptr + t_rows[:, None] * stride_t + cols[None, :], mask=t_mask,
-                    other=0.0).to(tl.float32)
+        t_rows, t_mask, t = _teacher_tile(t_ptr, stride_t, B, b, image_ok, views, cols, mask)
         colsum += tl.sum(t, axis=0)
         y = tl.where(t_mask, (t - center[None, :]) * inv_tt, float("-inf"))
         t_max = tl.max(y, axis=1)
@@ -331,20 +345,12 @@ def backward_kernel(
     the device."""
     chunk = tl.program_id(0)
     group = tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < K
-    views = tl.arange(0, T_PAD)
-    view_ok = views < T_VIEWS
-    mask = view_ok[:, None] & col_ok[None, :]
-    center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
+    cols, col_ok, views, view_ok, mask, center = _chunk(c_ptr, chunk, K, BLOCK, T_PAD, T_VIEWS)
     g_scale = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale * inv_ts
     for j in tl.range(0, IMAGES):  # constant trip count, masked (see the forward)
         b = group * IMAGES + j
         image_ok = b < B
-        t_rows = (views * B + b).to(tl.int64)
-        t_mask = mask & image_ok
-        t = tl.load(t_ptr + t_rows[:, None] * stride_t + cols[None, :], mask=t_mask,
-                    other=0.0).to(tl.float32)
+        t_rows, t_mask, t = _teacher_tile(t_ptr, stride_t, B, b, image_ok, views, cols, mask)
         t_max = tl.load(teacher_max_ptr + t_rows, mask=view_ok & image_ok, other=0.0)
         t_inv_sum = tl.load(teacher_inv_sum_ptr + t_rows, mask=view_ok & image_ok, other=0.0)
         # exp(y - max) / sum, as the forward's statistics were taken (no FMA, see _COMPILE)
