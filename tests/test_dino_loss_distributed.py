@@ -7,6 +7,7 @@ gives, and the loss is each rank's own.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
@@ -29,7 +30,8 @@ def worker(rank: int, world: int, store: str, backend: str) -> None:
     import smsd
     from smsd.ops import dino_loss
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         student, teacher = batch(rank)
         center = torch.full((1, K), 0.5)
@@ -43,6 +45,7 @@ def worker(rank: int, world: int, store: str, backend: str) -> None:
                                   torch.full((1, K), 0.5, dtype=torch.float64),
                                   n_student_views=S)[0]  # the fp64 formula, this rank's batch
         assert abs(float(loss) - float(alone)) < 1e-4, "loss must be the rank's own"
+        dist.barrier()  # no rank leaves while its peer is in the last collective
     finally:
         dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ the plain step's DDP run. Tolerance as in tests/test_distill_step.py.
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 
 import pytest
@@ -46,7 +47,8 @@ def one_ddp_step(rank: int, options: dict) -> list[torch.Tensor]:
 
 def worker(rank: int, store: str) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         fast = one_ddp_step(rank, dict(packed=True, fused_gather=True, fused_head_loss=True))
         plain = one_ddp_step(rank, dict(packed=False))
@@ -58,6 +60,7 @@ def worker(rank: int, store: str) -> None:
         gathered = [torch.empty_like(flat) for _ in range(WORLD)]
         dist.all_gather(gathered, flat)
         assert torch.equal(gathered[0], gathered[1])
+        dist.barrier()  # no rank leaves while its peer is in the last collective
     finally:
         dist.destroy_process_group()
 

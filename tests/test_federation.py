@@ -112,7 +112,8 @@ def test_run_config_errors_name_the_key():
 def federation():
     from smsd.federation import run_flower_simulation
 
-    cfg = SimulateConfig(split=DataSplit(clients=3)).quick()
+    # Flower's nodes fine-tune with the recipe's setting (no selection): so does the local row
+    cfg = SimulateConfig(split=DataSplit(clients=3), select=False).quick()
     seen = []
     result = run_flower_simulation(cfg.recipe, cfg.split, chunk_bytes=CHUNK,
                                    observe=lambda way, msg: seen.append((way, msg)))

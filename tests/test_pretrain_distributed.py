@@ -9,6 +9,7 @@ tolerances below. The teacher EMA must be bit-identical on both ranks.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -66,7 +67,8 @@ def _losses(history: list[dict]) -> torch.Tensor:
 def worker(rank: int, world: int, store: str, shard: str, work: str) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(1)  # two processes share the CI machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         # Killed after epoch 1 and resumed: distributed resume continues the same run.
         _server().pretrain([shard], work_dir=work, stop_after=1, progress=False)
@@ -78,6 +80,7 @@ def worker(rank: int, world: int, store: str, shard: str, work: str) -> None:
         dist.all_gather(every, flat)
         assert all(torch.equal(other, flat) for other in every), "teacher differs across ranks"
         assert len(server.history) == TRAIN.epochs
+        dist.barrier()  # no rank leaves while its peer is in the last collective
     finally:
         dist.destroy_process_group()
 

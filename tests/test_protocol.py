@@ -260,7 +260,8 @@ def test_body_lr_scale():
 
 
 def test_simulate_fine_tunes_the_pretrained_body_at_its_own_body_lr(monkeypatch, tmp_path):
-    """SMSD's clients use ``smsd_body_lr_scale``; the baselines train at the full LR."""
+    """Without the selection (tests/test_recipe_selection.py) SMSD's clients use
+    ``smsd_body_lr_scale`` and the baselines train at the full LR."""
     from dataclasses import replace
 
     from smsd.experiments import SimulateConfig, methods, simulate
@@ -280,7 +281,7 @@ def test_simulate_fine_tunes_the_pretrained_body_at_its_own_body_lr(monkeypatch,
 
     monkeypatch.setattr(Client, "finetune", spy_finetune)
     monkeypatch.setattr(methods, "train_classifier", spy_train)
-    cfg = SimulateConfig().quick()
+    cfg = SimulateConfig(select=False).quick()
     cfg = replace(cfg, recipe=replace(cfg.recipe, smsd_body_lr_scale=0.25))
     simulate(cfg, None, progress=False, log=lambda _: None)
     assert seen == {"SMSD": {0.25}, "baselines": {1.0}}

@@ -99,7 +99,9 @@ def test_simulate_seeds_reports_mean_and_std_over_runs(tmp_path, capsys):
     out = tmp_path / "sim"
     assert main(["simulate", "--quick", "--no-progress", "--seeds", "3", "4",
                  "--out", str(out)]) == 0
-    assert "mean ± std over seeds [3, 4]" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean ± std over seeds [3, 4]" in printed
+    assert "targets over seeds:" in printed
     per_seed = {s: {r["method"]: r for r in json.loads(
         (out / f"seed-{s}" / "results.json").read_text())["results"]} for s in (3, 4)}
     assert per_seed[3]["SMSD"]["client_acc"] != per_seed[4]["SMSD"]["client_acc"] or \
@@ -111,6 +113,24 @@ def test_simulate_seeds_reports_mean_and_std_over_runs(tmp_path, capsys):
         assert row["mean_acc"] == pytest.approx(statistics.fmean(accs), abs=0.011)
         assert row["mean_acc_std"] == pytest.approx(statistics.stdev(accs), abs=0.011)
     assert (out / "summary.csv").read_text().startswith("method,seeds,")
+    assert (out / "summary.png").read_bytes().startswith(b"\x89PNG")
+    from smsd.experiments.targets import check_targets, load_seed_rows
+
+    written = json.loads((out / "targets.json").read_text())
+    recomputed = [t.to_dict() for t in check_targets(load_seed_rows(out))]
+    assert written["targets"] == recomputed and len(recomputed) == 6
+    assert written["all_met"] == all(t["met"] for t in recomputed)
+    # the docs' tables come from benchmarks/simulate_tables.py on such a folder
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "simulate_tables.py"
+    text = subprocess.run([sys.executable, str(script), str(out)], check=True,
+                          capture_output=True, text=True).stdout
+    assert f"| SMSD | {summary['SMSD']['mean_acc']:.2f} ± " in text
+    assert text.count("| 3 | ") == len(summary) and text.count("| 4 | ") == len(summary)
+    assert "| every seed and client:" in text
 
 
 def test_simulate_seeds_must_be_distinct(tmp_path, capsys):
@@ -171,15 +191,41 @@ def test_train_classifier_rejects_epoch_data_of_another_size():
                          epoch_data=lambda e: (tokens[:5], labels[:5]))
 
 
-def test_cli_finetune_augment(tmp_path, folder, capsys):
+def _random_body_file(tmp_path):
+    """A body file of the demo model at 16×16 with random weights (no pre-training)."""
     from smsd.models import PatchHead, ViTBody, head_fingerprint, model_config
     from smsd.protocol import save_body
 
     config = model_config("demo").replace(img_size=16)
-
-    body = save_body(tmp_path / "b.safetensors", ViTBody(config),
+    return save_body(tmp_path / "b.safetensors", ViTBody(config),
                      head_fingerprint=head_fingerprint(PatchHead(config)))
-    model = tmp_path / "m.safetensors"
+
+
+def test_cli_finetune_augment(tmp_path, folder, capsys):
+    body, model = _random_body_file(tmp_path), tmp_path / "m.safetensors"
     assert main(["finetune", "--body", str(body), "--data", str(folder), "--out", str(model),
                  "--epochs", "2", "--batch-size", "4", "--augment", "--loader", "torch"]) == 0
     assert model.is_file() and "train accuracy" in capsys.readouterr().out
+
+
+def test_cli_finetune_select_reports_each_candidate_and_the_pick(tmp_path, folder, capsys):
+    from smsd.protocol.recipe_selection import CANDIDATES
+
+    body, model = _random_body_file(tmp_path), tmp_path / "m.safetensors"
+    assert main(["finetune", "--body", str(body), "--data", str(folder), "--out", str(model),
+                 "--epochs", "3", "--batch-size", "4", "--select", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert model.is_file()
+    # 6 images per class, a fifth of each class held out: 1 + 1
+    assert "held out 2 labeled images" in out
+    assert all(c.name + ":" in out for c in CANDIDATES)
+    assert out.count("<- picked") == 1
+
+
+@pytest.mark.parametrize("flag", ("--augment", "--freeze-body"))
+def test_cli_finetune_select_refuses_a_conflicting_flag(tmp_path, folder, capsys, flag):
+    model = tmp_path / "m.safetensors"
+    code = main(["finetune", "--body", str(tmp_path / "missing.safetensors"), "--data",
+                 str(folder), "--out", str(model), "--select", flag])
+    assert code == 2 and not model.exists()
+    assert "--select cannot be combined with " + flag in capsys.readouterr().err

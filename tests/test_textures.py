@@ -8,9 +8,6 @@ import itertools
 import pytest
 import torch
 
-pytest.importorskip("skimage")
-pytest.importorskip("sklearn")
-
 from smsd.data import load_dataset
 from smsd.data.textures import load_textures
 

@@ -240,7 +240,8 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
                     "defaults are the fine-tuning recipe smsd simulate measured "
                     "(smsd.recipe.Recipe.smsd_finetune).", examples="""
   smsd finetune --body body.safetensors --data site-a/labeled --out site-a-model.safetensors
-  smsd finetune --body body.sealed --unseal-key site-a.key --data site-a/labeled --augment""")
+  smsd finetune --body body.sealed --unseal-key site-a.key --data site-a/labeled --augment
+  smsd finetune --body body.safetensors --data site-a/labeled --select""")
     p.add_argument("--body", required=True, help="body file from smsd pretrain")
     p.add_argument("--data", required=True, help="labeled image folder (ROOT/<class>/<image>, "
                    "at least two classes)")
@@ -257,6 +258,11 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
                    "flip, brightness/contrast) from the loader's fine-tuning pipeline")
     p.add_argument("--body-lr-scale", type=positive_float, default=d.body_lr_scale,
                    help="the pre-trained body's LR is lr × this (the new tail uses lr)")
+    p.add_argument("--select", action="store_true",
+                   help="pick the setting on this client's labels: hold out a stratified "
+                   "fifth, try each candidate (body LR ×1, ×0.3, ×0.3 with 30%% of the "
+                   "epochs, linear probe), train the best on all images "
+                   "(smsd.protocol.recipe_selection; not with --augment/--freeze-body)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the tail and shuffles")
     add_unseal_key_arg(p, "this client's")
     add_loader_arg(p)
@@ -268,9 +274,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..protocol.body_io import load_body
     from ..protocol.classifier_io import save_classifier
     from ..protocol.client import Client
+    from ..protocol.recipe_selection import CANDIDATES
     from ..recipe import Recipe
 
     check_output_file(args.out, "--out", force=args.force)
+    for flag in ("augment", "freeze_body"):
+        if args.select and getattr(args, flag):
+            raise SmsdError(f"--select cannot be combined with --{flag.replace('_', '-')}: "
+                            + ("the held-out images would reach training through the "
+                               "augmented loader" if flag == "augment" else
+                               "the linear probe is one of the candidates --select tries"))
     body, config, fingerprint = load_body(args.body, key=unseal_key(args))
     client = Client.for_trained(config, fingerprint, args.body)
     source = _folder_source(args.data)
@@ -284,9 +297,21 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     loader = folder_loader(args, source, config, "eval")
     augment = folder_loader(args, source, config, "finetune") if args.augment else None
     metrics = client.finetune(body, loader, num_classes=len(classes), config=ft,
-                              augment=augment, progress=not args.no_progress)
+                              augment=augment, select=CANDIDATES if args.select else None,
+                              progress=not args.no_progress)
     save_classifier(args.out, client.model, classes=classes, head_fingerprint=client.fingerprint)
+    if "selection" in metrics:
+        _print_selection(metrics["selection"])
     print(f"wrote {args.out}: train loss {metrics['train_loss']:.4f}, "
           f"train accuracy {100 * metrics['train_accuracy']:.2f}% on {len(source)} images, "
           f"{len(classes)} classes (score it on held-out images: smsd evaluate)")
     return 0
+
+
+def _print_selection(selection: dict) -> None:
+    """Each candidate's held-out scores and the pick, one line each."""
+    print(f"held out {selection['n_validation']} labeled images to pick the setting:")
+    for name, scores in selection["validation"].items():
+        mark = "  <- picked" if name == selection["picked"] else ""
+        print(f"  {name}: accuracy {100 * scores['accuracy']:.2f}%, "
+              f"balanced {100 * scores['balanced']:.2f}%{mark}")

@@ -79,6 +79,10 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--membership", action="store_true",
                    help="run the membership-inference attack on SMSD's returned body "
                    "(uploaded images vs the never-uploaded test images; AUC in the table)")
+    p.add_argument("--no-select", action="store_true",
+                   help="fine-tune with the recipe's setting as it is, instead of each "
+                   "method picking among a few settings on held-out labels "
+                   "(smsd.protocol.recipe_selection)")
     add_dp_args(p)
     p.set_defaults(func=_cmd_simulate)
 
@@ -107,12 +111,14 @@ def _config(args: argparse.Namespace):
     cfg = SimulateConfig(split=split, rounds=args.rounds, local_epochs=args.local_epochs,
                          loader=args.loader, recipe=recipe,
                          methods=tuple(dict.fromkeys(args.methods)),
-                         membership=args.membership).with_seed(args.seed)
+                         membership=args.membership,
+                         select=not args.no_select).with_seed(args.seed)
     return cfg.quick() if args.quick else cfg
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from ..experiments import format_summary, format_table, simulate, simulate_seeds
+    from ..experiments.targets import check_targets, format_targets, has_target_rows
 
     cfg = _config(args)
     _check_extras(args)
@@ -123,7 +129,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                               engine=args.engine)
         print()
         print(format_summary(runs))
-        print(f"\nsaved {out}/summary.json, summary.csv and seed-N/ per run")
+        rows = {seed: [r.row() for r in results] for seed, results in runs.items()}
+        if has_target_rows(rows):
+            print()
+            print(format_targets(check_targets(rows)))
+        print(f"\nsaved {out}/summary.json, summary.csv"
+              + (", targets.json" if has_target_rows(rows) else "") + " and seed-N/ per run")
         return 0
     results = simulate(cfg, out, progress=not args.no_progress, engine=args.engine)
     print()

@@ -19,7 +19,9 @@ class SimulateConfig:
     and the baselines' tails); ``rounds`` and ``local_epochs``: the FedAvg baseline's
     budget; ``loader`` for ``folder:`` data sets ("dali", "torch" or "auto"); ``methods``:
     which of :data:`METHODS` to run (a defence changes only SMSD's row); ``membership``:
-    run the membership-inference attack on SMSD's returned body (its AUC in the row)."""
+    run the membership-inference attack on SMSD's returned body (its AUC in the row);
+    ``select``: every method's fine-tuning setting is picked on held-out labels
+    (:mod:`smsd.protocol.recipe_selection`; off: the recipe's setting as it is)."""
 
     split: DataSplit = field(default_factory=DataSplit)
     rounds: int = 20
@@ -28,6 +30,7 @@ class SimulateConfig:
     recipe: Recipe = field(default_factory=Recipe)
     methods: tuple[str, ...] = METHODS
     membership: bool = False
+    select: bool = True
 
     def __post_init__(self) -> None:
         positive_ints(self, "rounds", "local_epochs")

@@ -27,8 +27,22 @@ from ..data import ClientData
 from ..models import ViTBody
 from ..protocol.client import Client
 from ..protocol.probes import probe
+from ..protocol.recipe_selection import (
+    CANDIDATES,
+    Candidate,
+    Selection,
+    best_candidate,
+    holdout_split,
+    select_finetune,
+)
 from ..protocol.server import RunOptions, Server
-from ..protocol.training import FinetuneConfig, TokenClassifier, classify, train_classifier
+from ..protocol.training import (
+    FinetuneConfig,
+    TokenClassifier,
+    balanced_accuracy,
+    classify,
+    train_classifier,
+)
 from .config import SimulateConfig
 from .results import MethodResult
 from .scores import ClientScore, SharedTestSet, score
@@ -141,9 +155,12 @@ def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> M
     # a simulation; a real server has none)
     body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress,
                            epoch_metrics=lambda b: {"knn": clients.knn_pooled(b)})
+    selection = []
     for site, d in zip(sites, clients.data, strict=True):
-        site.finetune(body, d.labeled_images, d.labeled_labels,
-                      num_classes=clients.num_classes, config=recipe.smsd_finetune)
+        metrics = site.finetune(body, d.labeled_images, d.labeled_labels,
+                                num_classes=clients.num_classes, config=recipe.smsd_finetune,
+                                select=_candidates(cfg))
+        selection.append(metrics.get("selection"))
     up = sum(os.path.getsize(s) for s in shards) // len(shards)
     privacy = server.privacy_record()
     return MethodResult.scored("SMSD", clients.scores([s.model for s in sites]), 1, up,
@@ -151,8 +168,8 @@ def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> M
                                dp_epsilon=None if privacy is None else privacy["epsilon_spent"],
                                membership=_membership(cfg, clients, body),
                                probe=clients.probe(body, cfg.seed),
-                               history=[{k: r[k] for k in ("epoch", "loss", "knn")}
-                                        for r in server.history])
+                               history=[dict(r) for r in server.history],
+                               selection=selection if cfg.select else None)
 
 
 def _membership(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> dict | None:
@@ -170,15 +187,36 @@ def _membership(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> dict | 
     return membership_inference(body, members[pick], non_members[:n], seed=cfg.seed).to_dict()
 
 
+def _candidates(cfg: SimulateConfig) -> tuple[Candidate, ...] | None:
+    return CANDIDATES if cfg.select else None
+
+
+def _train_selected(cfg: SimulateConfig, body: ViTBody, num_classes: int,
+                    tokens: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[TokenClassifier, dict | None]:
+    """A classifier on ``body`` trained on all of ``tokens``, with the setting picked on a
+    held-out part of them when ``cfg.select`` (else the recipe's)."""
+    config, selection = cfg.recipe.finetune, None
+    if cfg.select:
+        config, picked = select_finetune(lambda: _classifier(cfg, body, num_classes),
+                                         tokens, labels, config)
+        selection = picked.to_dict()
+    model = _classifier(cfg, body, num_classes)
+    train_classifier(model, tokens, labels, config)
+    return model, selection
+
+
 def finetune_only(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
-    models = []
+    models, selection = [], []
     for (train_t, _), d in zip(clients.tokens, clients.data, strict=True):
-        model = _classifier(cfg, body, clients.num_classes)
-        train_classifier(model, train_t, d.labeled_labels, cfg.recipe.finetune)
+        model, picked = _train_selected(cfg, body, clients.num_classes, train_t,
+                                        d.labeled_labels)
         models.append(model)
+        selection.append(picked)
     # its probe: the body it starts from, with no pre-training (random init)
     return MethodResult.scored("fine-tune only", clients.scores(models), 0, 0, 0,
-                               probe=clients.probe(body, cfg.seed))
+                               probe=clients.probe(body, cfg.seed),
+                               selection=selection if cfg.select else None)
 
 
 class _Constant(torch.nn.Module):
@@ -202,9 +240,12 @@ def majority(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResu
     return MethodResult.scored("majority class", clients.scores(models), 0, 0, 0)
 
 
-def fedavg(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
-    global_model = _classifier(cfg, body, clients.num_classes)
-    weights = torch.tensor([float(d.labeled_labels.numel()) for d in clients.data])
+def _fedavg_train(cfg: SimulateConfig, model: TokenClassifier,
+                 sets: list[tuple[torch.Tensor, torch.Tensor]],
+                 candidate: Candidate | None = None) -> None:
+    """``cfg.rounds`` rounds of FedAvg on ``model`` in place; each client trains locally on
+    its ``(tokens, labels)`` (the local setting changed by ``candidate`` when given)."""
+    weights = torch.tensor([float(labels.numel()) for _, labels in sets])
     weights /= weights.sum()
     ft = cfg.recipe.finetune
     for r in range(cfg.rounds):
@@ -213,28 +254,73 @@ def fedavg(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult
             torch.tensor(torch.pi * r / cfg.rounds))).item()
         local = FinetuneConfig(epochs=cfg.local_epochs, lr=lr, min_lr=lr,
                                weight_decay=ft.weight_decay, batch_size=ft.batch_size,
-                               warmup_epochs=0, seed=ft.seed + r)
+                               warmup_epochs=0, body_lr_scale=ft.body_lr_scale,
+                               seed=ft.seed + r)
+        if candidate is not None:
+            local = candidate.apply(local)
         states = []
-        for (train_t, _), d in zip(clients.tokens, clients.data, strict=True):
-            model = copy.deepcopy(global_model)
-            train_classifier(model, train_t, d.labeled_labels, local)
-            states.append(model.state_dict())
+        for tokens, labels in sets:
+            client_model = copy.deepcopy(model)
+            train_classifier(client_model, tokens, labels, local)
+            states.append(client_model.state_dict())
         averaged = {k: sum(w * s[k].float() for w, s in zip(weights, states, strict=True))
                     for k in states[0]}
-        global_model.load_state_dict(averaged)
+        model.load_state_dict(averaged)
+
+
+def _fedavg_select(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> list[dict]:
+    """FedAvg's share of the selection: every client holds out part of its labels, each
+    candidate is trained federated on the rest, the clients report their held-out
+    accuracy and balanced accuracy, and the candidate with the best mean over clients
+    (weighted by held-out images) wins. Every client records the one global pick."""
+    splits = [holdout_split(d.labeled_labels, 0.2, cfg.recipe.finetune.seed)
+              for d in clients.data]
+    fit = [(t[a], d.labeled_labels[a])
+           for (t, _), d, (a, _) in zip(clients.tokens, clients.data, splits, strict=True)]
+    held = [(t[b], d.labeled_labels[b])
+            for (t, _), d, (_, b) in zip(clients.tokens, clients.data, splits, strict=True)]
+    n_held = sum(labels.numel() for _, labels in held)
+    scores = {}
+    for candidate in CANDIDATES:
+        model = _classifier(cfg, body, clients.num_classes)
+        _fedavg_train(cfg, model, fit, candidate)
+        acc = bal = 0.0
+        for tokens, labels in held:
+            if labels.numel():
+                pred = classify(model, tokens)
+                acc += float((pred == labels).float().sum())
+                bal += balanced_accuracy(pred, labels) * labels.numel()
+        scores[candidate.name] = {"accuracy": acc / max(n_held, 1),
+                                  "balanced": bal / max(n_held, 1)}
+    record = Selection(best_candidate(CANDIDATES, scores, recipe=cfg.recipe.finetune).name,
+                       scores, n_held).to_dict()
+    return [dict(record) for _ in clients.data]
+
+
+def fedavg(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
+    selection = _fedavg_select(cfg, clients, body) if cfg.select else None
+    candidate = (None if selection is None else
+                 next(c for c in CANDIDATES if c.name == selection[0]["picked"]))
+    global_model = _classifier(cfg, body, clients.num_classes)
+    _fedavg_train(cfg, global_model,
+                  [(t, d.labeled_labels) for (t, _), d in zip(clients.tokens, clients.data,
+                                                              strict=True)], candidate)
     size = _state_bytes(global_model)
+    # The selection's trial runs are not counted in the bytes: a deployment would pick once.
     return MethodResult.scored("FedAvg", clients.scores([global_model] * len(clients.data)),
                                cfg.rounds, cfg.rounds * size, cfg.rounds * size,
-                               probe=clients.probe(global_model.body, cfg.seed))
+                               probe=clients.probe(global_model.body, cfg.seed),
+                               selection=selection)
 
 
 def centralized(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> MethodResult:
-    model = _classifier(cfg, body, clients.num_classes)
     pooled = torch.cat([t for t, _ in clients.tokens])
     labels = torch.cat([d.labeled_labels for d in clients.data])
-    train_classifier(model, pooled, labels, cfg.recipe.finetune)
+    model, picked = _train_selected(cfg, body, clients.num_classes, pooled, labels)
     # Pooling means uploading the labeled images (fp32 tensors) and their labels.
     up = sum(d.labeled_images.numel() * 4 + d.labeled_labels.numel() * 8
              for d in clients.data) // len(clients.data)
     return MethodResult.scored("centralized", clients.scores([model] * len(clients.data)), 1,
-                               up, 0, probe=clients.probe(model.body, cfg.seed))
+                               up, 0, probe=clients.probe(model.body, cfg.seed),
+                               selection=None if picked is None
+                               else [dict(picked) for _ in clients.data])

@@ -41,6 +41,9 @@ class MethodResult:
     probe: dict | None = None
     # SMSD only: per pre-training epoch the mean loss and the teacher body's k-NN accuracy
     history: list[dict] | None = None
+    # per client: the fine-tuning setting it picked on its held-out labels and every
+    # candidate's validation scores (smsd.protocol.recipe_selection.Selection.to_dict)
+    selection: list[dict] | None = None
 
     @classmethod
     def scored(cls, method: str, scores: list, rounds: int, bytes_up: int, bytes_down: int,
@@ -88,10 +91,22 @@ class MethodResult:
                     "knn_client_mean": self.probe["mean_knn"],
                     "linear_client_mean": self.probe["mean_linear"], "probe": self.probe}),
                 **({} if self.history is None else {"pretrain_history": self.history}),
+                **({} if self.selection is None else {
+                    "picked": picked_counts(self.selection),
+                    "client_picked": [s["picked"] for s in self.selection],
+                    "selection": self.selection}),
                 **({} if self.dp_epsilon is None else {"dp_epsilon": self.dp_epsilon}),
                 **({} if self.membership is None else
                    {"membership_auc": round(self.membership["auc"], 4),
                     "membership": self.membership})}
+
+
+def picked_counts(selection: list[dict]) -> str:
+    """``"body lr x0.3 x3; linear probe x1"``: how many clients picked each setting."""
+    counts: dict[str, int] = {}
+    for s in selection:
+        counts[s["picked"]] = counts.get(s["picked"], 0) + 1
+    return "; ".join(f"{name} x{n}" for name, n in counts.items())
 
 
 def _pct(value: float | None) -> str:
@@ -124,6 +139,9 @@ def format_table(results: list[MethodResult]) -> str:
     for r in results:
         if r.dp_epsilon is not None:
             lines.append(f"{r.method}: differential privacy ε = {r.dp_epsilon:.3g} per image")
+        if r.selection is not None:
+            lines.append(f"{r.method}: fine-tuning picked on held-out labels: "
+                         f"{picked_counts(r.selection)}")
         if r.membership is not None:
             lines.append(f"{r.method}: membership-inference AUC {r.membership['auc']:.3f} "
                          f"(95 % CI {r.membership['auc_ci95'][0]:.3f}–"
@@ -157,15 +175,45 @@ def write_results(results: list[MethodResult], config: object, out: Path) -> lis
     atomic_write_bytes(out / "results.json", (json.dumps(payload, indent=2) + "\n").encode())
     fields = list(dict.fromkeys(k for row in rows for k in row
                                 if not k.startswith("client_")
-                                and k not in ("probe", "pretrain_history")))
+                                and k not in ("probe", "pretrain_history", "selection")))
     atomic_write_bytes(out / "results.csv", _csv(rows, fields))
     written = [out / "results.json", out / "results.csv"]
+    history = next((r.history for r in results if r.history), None)
+    if history is not None:
+        atomic_write_bytes(out / "metrics.jsonl",
+                           "".join(json.dumps(line) + "\n" for line in history).encode())
+        written.append(out / "metrics.jsonl")
     if not available("matplotlib"):
         log.warning("results.png skipped: matplotlib is not installed "
                     "(pip install 'smsd[data]')")
         return written
     _plot(results, out / "results.png")
-    return [*written, out / "results.png"]
+    written.append(out / "results.png")
+    if history is not None:
+        _plot_history(history, out / "pretrain.png")
+        written.append(out / "pretrain.png")
+    return written
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+    """The pre-training loss and the teacher's k-NN accuracy per epoch (two y axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, loss_ax = plt.subplots(figsize=(6, 3.2))
+    loss_ax.plot(epochs, [h["loss"] for h in history], color="tab:blue", marker=".")
+    loss_ax.set_xlabel("pre-training epoch")
+    loss_ax.set_ylabel("DINO loss", color="tab:blue")
+    if all("knn" in h for h in history):
+        knn_ax = loss_ax.twinx()
+        knn_ax.plot(epochs, [h["knn"] for h in history], color="tab:orange", marker=".")
+        knn_ax.set_ylabel("teacher k-NN acc. (%)", color="tab:orange")
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
 
 
 def _plot(results: list[MethodResult], path: Path) -> None:
@@ -241,12 +289,42 @@ def summary_rows(runs: dict[int, list[MethodResult]]) -> list[dict]:
 
 
 def write_summary(runs: dict[int, list[MethodResult]], out: Path) -> None:
-    """``summary.json`` and ``summary.csv``: mean ± std over seeds."""
+    """``summary.json`` and ``summary.csv``: mean ± std over seeds; ``summary.png`` (bars
+    with the std as error bars) when matplotlib is installed."""
     rows = summary_rows(runs)
     atomic_write_bytes(out / "summary.json", (json.dumps(
         {"seeds": list(runs), "results": rows}, indent=2) + "\n").encode())
     atomic_write_bytes(out / "summary.csv",
                        _csv(rows, list(dict.fromkeys(k for row in rows for k in row))))
+    if available("matplotlib"):
+        _plot_summary(rows, list(runs), out / "summary.png")
+
+
+def _plot_summary(rows: list[dict], seeds: list[int], path: Path) -> None:
+    """Mean client local and balanced accuracy and the body's pooled k-NN per method,
+    mean over seeds with the std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = (("mean client acc.", "mean_acc"), ("mean balanced acc.", "mean_bal_acc"),
+              ("shared balanced set", "shared_acc"), ("body kNN", "probe_pooled_knn"))
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
+    xs = range(len(rows))
+    width = 0.8 / len(series)
+    for i, (label, key) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        bars = ax.bar([x + offset for x in xs], [r.get(key, 0.0) for r in rows], width,
+                      yerr=[r.get(f"{key}_std", 0.0) for r in rows], capsize=2, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=6)
+    ax.set_xticks(list(xs), [r["method"] for r in rows])
+    ax.set_ylabel(f"% (mean ± std, seeds {', '.join(map(str, seeds))})")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
 
 
 def format_summary(runs: dict[int, list[MethodResult]]) -> str:

@@ -14,17 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..protocol.training import balanced_accuracy
+
 __all__ = ["ClientScore", "SharedTestSet", "balanced_accuracy", "score"]
-
-
-def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over the classes present in ``labels`` of the fraction of that class predicted
-    right (scikit-learn's ``balanced_accuracy_score``)."""
-    if labels.numel() == 0:
-        raise ValueError("cannot score zero images")
-    classes = labels.unique()
-    recalls = [(pred[labels == c] == c).float().mean() for c in classes]
-    return float(torch.stack(recalls).mean())
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from . import methods
 from .config import SimulateConfig
 from .results import MethodResult, format_row, write_results, write_summary
+from .targets import check_targets, has_target_rows, write_targets
 
 __all__ = ["simulate", "simulate_seeds"]
 
@@ -43,6 +45,11 @@ def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
     (:mod:`smsd.federation`)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be 'local' or 'flower', got {engine!r}")
+    if engine == "flower" and cfg.select:
+        # Flower's nodes fine-tune with the recipe's setting: every row does the same.
+        log("--engine flower: no fine-tuning selection (every method uses the recipe's "
+            "setting)")
+        cfg = replace(cfg, select=False)
     torch.manual_seed(cfg.seed)
     model = cfg.recipe.model
     data, num_classes, n_images = cfg.split.load(img_size=model.img_size,
@@ -79,7 +86,9 @@ def simulate_seeds(cfg: SimulateConfig, seeds: list[int], out_dir: str | os.Path
                    *, progress: bool = True, log: Callable[[str], None] = print,
                    engine: str = "local") -> dict[int, list[MethodResult]]:
     """:func:`simulate` once per seed; with ``out_dir``, each run's files go to
-    ``seed-N/`` and the mean ± std over seeds to ``summary.json`` / ``summary.csv``."""
+    ``seed-N/``, the mean ± std over seeds to ``summary.json`` / ``summary.csv`` /
+    ``summary.png`` and, with the SMSD, fine-tune only and FedAvg rows, the method's
+    targets to ``targets.json`` (:mod:`smsd.experiments.targets`)."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds!r}")
     runs = {}
@@ -90,4 +99,7 @@ def simulate_seeds(cfg: SimulateConfig, seeds: list[int], out_dir: str | os.Path
                               engine=engine)
     if out_dir is not None:
         write_summary(runs, Path(out_dir))
+        rows = {seed: [r.row() for r in results] for seed, results in runs.items()}
+        if has_target_rows(rows):
+            write_targets(check_targets(rows), Path(out_dir) / "targets.json")
     return runs

@@ -15,6 +15,7 @@ from ..errors import SmsdError
 from ..models import PatchHead, ViTBody, ViTConfig, head_fingerprint
 from ..ops import masked_sample
 from ..sealing.keys import RecipientPublicKey
+from .recipe_selection import Candidate, select_finetune
 from .shard import write_shard
 from .training import FinetuneConfig, TokenClassifier, accuracy, train_classifier
 
@@ -159,7 +160,8 @@ class Client:
                  test_images: Images | None = None,
                  test_labels: torch.Tensor | None = None,
                  augment: Iterable[Batch] | None = None,
-                 progress: bool = False) -> dict[str, float]:
+                 select: Sequence[Candidate] | None = None,
+                 progress: bool = False) -> dict:
         """Attach a linear classifier to a copy of ``body`` and train on labeled images
         (tokens in patch order; from one epoch of the loader when ``images`` is one,
         ``labels`` then ``None``). The result stays in ``self.model``.
@@ -168,13 +170,21 @@ class Client:
         crop, flip, brightness/contrast...); every epoch then trains on a fresh pass of it,
         embedded by the head. ``images`` still gives the train accuracy (unaugmented).
 
+        ``select``: candidate settings (e.g.
+        :data:`~smsd.protocol.recipe_selection.CANDIDATES`) tried on a held-out fifth of
+        the labeled images; the best one then trains on all of them
+        (:mod:`smsd.protocol.recipe_selection`).
+
         ``progress``: progress bars while reading images and over the epochs (on a
         terminal).
 
-        Returns metrics: final training loss, train accuracy and, with a test set,
-        test accuracy.
+        Returns metrics: final training loss, train accuracy, with a test set the test
+        accuracy, and with ``select`` the choice (``"selection"``).
         """
         config = config or FinetuneConfig()
+        if select is not None and augment is not None:
+            raise ValueError("select and augment cannot be combined: the held-out images "
+                             "would reach training through the augmented loader")
         tokens, labels = self._tokens_and_labels(images, labels,
                                                  "read images" if progress else None)
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
@@ -182,6 +192,11 @@ class Client:
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes}), "
                              f"got {int(labels.min())}..{int(labels.max())}")
+        selection = None
+        if select is not None:
+            config, selection = select_finetune(
+                lambda: TokenClassifier.from_body(body, num_classes, seed=config.seed),
+                tokens, labels, config, candidates=select)
         self.model = TokenClassifier.from_body(body, num_classes, seed=config.seed)
         epoch_data = None
         if augment is not None:
@@ -189,8 +204,10 @@ class Client:
                 return self._loader_tokens(augment)[:2]
         history = train_classifier(self.model, tokens, labels, config, epoch_data=epoch_data,
                                    progress=progress)
-        metrics = {"train_loss": history[-1],
-                   "train_accuracy": accuracy(self.model, tokens, labels)}
+        metrics: dict = {"train_loss": history[-1],
+                         "train_accuracy": accuracy(self.model, tokens, labels)}
+        if selection is not None:
+            metrics["selection"] = selection.to_dict()
         if test_images is not None and (test_labels is not None
                                         or not isinstance(test_images, torch.Tensor)):
             metrics["test_accuracy"] = self.evaluate(test_images, test_labels)

@@ -20,7 +20,7 @@ from ..models import ClassifierTail
 from .schedules import cosine_schedule
 
 __all__ = ["PRETRAINED_BODY_LR_SCALE", "FinetuneConfig", "TokenClassifier", "accuracy",
-           "classify", "train_classifier"]
+           "balanced_accuracy", "classify", "train_classifier"]
 
 # A pre-trained body is adapted at a fraction of the new tail's LR, as is usual when
 # fine-tuning a pre-trained backbone (a random body trains best at the full LR).
@@ -153,3 +153,13 @@ def accuracy(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> fl
     if tokens.shape[0] == 0:
         raise ValueError("cannot evaluate on zero images")
     return float((classify(model, tokens) == labels).float().mean())
+
+
+def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes present in ``labels`` of the fraction of that class predicted
+    right (scikit-learn's ``balanced_accuracy_score``)."""
+    if labels.numel() == 0:
+        raise ValueError("cannot score zero images")
+    classes = labels.unique()
+    recalls = [(pred[labels == c] == c).float().mean() for c in classes]
+    return float(torch.stack(recalls).mean())

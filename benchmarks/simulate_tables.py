@@ -1,0 +1,64 @@
+"""The Markdown tables of an ``smsd simulate --seeds`` run, for the docs: mean ± std per
+method, the per-seed raw rows, each client's fine-tuning pick and the method's targets
+(:mod:`smsd.experiments.targets`).
+
+    python benchmarks/simulate_tables.py RUN_DIR [RUN_DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from smsd.experiments.targets import check_targets, load_seed_rows
+
+# (column, key in summary.json)
+COLUMNS = (("local acc", "mean_acc"), ("min local", "min_acc"), ("balanced", "mean_bal_acc"),
+           ("min balanced", "min_bal_acc"), ("shared set", "shared_acc"),
+           ("kNN", "probe_pooled_knn"), ("linear", "probe_pooled_linear"))
+
+
+def tables(folder: Path) -> str:
+    runs = load_seed_rows(folder)
+    methods = [r["method"] for r in next(iter(runs.values()))]
+    by = {seed: {r["method"]: r for r in rows} for seed, rows in runs.items()}
+    lines = [f"### {folder.name} (seeds {', '.join(map(str, runs))})", "",
+             "| method | " + " | ".join(c for c, _ in COLUMNS) + " | wall s / seed |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
+    summary = {r["method"]: r for r in json.loads((folder / "summary.json").read_text())[
+        "results"]}
+    for m in methods:
+        r = summary[m]
+        cells = [f"{r[k]:.2f} ± {r[k + '_std']:.2f}" if k in r else "-" for _, k in COLUMNS]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} |")
+    lines += ["", "Per seed (local / balanced / shared / kNN; each client's local accuracy):",
+              "", "| seed | method | local | balanced | shared | kNN | clients' local acc "
+              "| picked per client |", "|---|---|---:|---:|---:|---:|---|---|"]
+    for s in runs:
+        for m in methods:
+            r = by[s][m]
+            picks = ", ".join(r.get("client_picked", [])) or "-"
+            lines.append(f"| {s} | {m} | {r['mean_acc']:.2f} | {r.get('mean_bal_acc', '-')} | "
+                         f"{r.get('shared_acc', '-')} | {r.get('knn_pooled', '-')} | "
+                         f"{' / '.join(f'{a:.1f}' for a in r['client_acc'])} | {picks} |")
+    lines += ["", "| target | SMSD | threshold | met | per seed |", "|---|---:|---:|---|---|"]
+    for t in check_targets(runs):
+        lines.append(f"| {t.name} | {t.value:.2f} | {t.threshold:.2f} | "
+                     f"{'yes' if t.met else '**no**'} | {t.detail} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    for folder in parser.parse_args().folders:
+        print(tables(folder))
+        print()
+        config = json.loads(next(folder.glob("seed-*/results.json")).read_text())["config"]
+        print(f"config: {json.dumps(config)[:400]}")
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""A client picks its fine-tuning setting on its own labels.
+
+The client holds out a stratified part of its labeled images, trains every candidate
+setting on the rest, scores each on the held-out part, and then trains the winner on all
+its labels. Nothing but the client's own labeled images decides, so the same selection
+can be offered to every method (a pre-trained body, a random one, FedAvg's global model)
+without favouring one.
+
+The candidates (:data:`CANDIDATES`) span what a client would try with a body it did not
+train: the body adapted at the full LR or at a fraction of it, a shorter run, and a
+frozen body with a linear probe on top. The winner is the highest held-out accuracy; a
+tie goes to the higher balanced accuracy, then to the candidate that leaves the recipe's
+setting as it is (a few held-out images must show a setting better before it replaces the
+tuned one), then to the earlier candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .training import FinetuneConfig, TokenClassifier, balanced_accuracy, classify, train_classifier
+
+__all__ = ["CANDIDATES", "Candidate", "Selection", "best_candidate", "holdout_split",
+           "select_finetune"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One fine-tuning setting: ``body_lr_scale`` (``None``: the recipe's), the share of
+    the recipe's epochs, and whether the body is frozen (a linear probe)."""
+
+    name: str
+    body_lr_scale: float | None = None
+    epochs_share: float = 1.0
+    freeze_body: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.epochs_share <= 1:
+            raise ValueError(f"epochs_share must be in (0, 1], got {self.epochs_share!r}")
+        if self.body_lr_scale is not None and not self.body_lr_scale > 0:
+            raise ValueError(f"body_lr_scale must be positive, got {self.body_lr_scale!r}")
+
+    def apply(self, config: FinetuneConfig) -> FinetuneConfig:
+        """``config`` with this candidate's changes."""
+        epochs = max(round(config.epochs * self.epochs_share), 1)
+        return replace(config, epochs=epochs,
+                       warmup_epochs=min(config.warmup_epochs, epochs - 1),
+                       body_lr_scale=(config.body_lr_scale if self.body_lr_scale is None
+                                      else self.body_lr_scale),
+                       freeze_body=self.freeze_body)
+
+
+CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("body lr x1", body_lr_scale=1.0),
+    Candidate("body lr x0.3", body_lr_scale=0.3),
+    Candidate("body lr x0.3, 30% epochs", body_lr_scale=0.3, epochs_share=0.3),
+    Candidate("linear probe", freeze_body=True),
+)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a client picked and why: each candidate's held-out accuracy and balanced
+    accuracy (fractions), the number of held-out images; ``picked`` is the candidate's
+    name (the first candidate when nothing could be held out)."""
+
+    picked: str
+    validation: dict[str, dict[str, float]]
+    n_validation: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def holdout_split(labels: torch.Tensor, fraction: float, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(train, validation)``: about ``fraction`` of every class held out (at least
+    one image of each class keeps training; a class with one image is never held out)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    gen = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for c in labels.unique():
+        where = torch.nonzero(labels == c).flatten()
+        where = where[torch.randperm(where.numel(), generator=gen)]
+        n_held = min(round(fraction * where.numel()), where.numel() - 1)
+        held.append(where[:n_held])
+        train.append(where[n_held:])
+    return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
+def select_finetune(new_model: Callable[[], TokenClassifier], tokens: torch.Tensor,
+                    labels: torch.Tensor, config: FinetuneConfig, *,
+                    candidates: Sequence[Candidate] = CANDIDATES,
+                    fraction: float = 0.2,
+                    train: Callable[[TokenClassifier, torch.Tensor, torch.Tensor,
+                                     FinetuneConfig], object] | None = None,
+                    ) -> tuple[FinetuneConfig, Selection]:
+    """The setting (``config`` changed by the winning candidate) to train on all labels,
+    and the record of the choice.
+
+    ``new_model()`` gives a fresh model (the body to start from with its new tail) for every
+    trial; ``train(model, tokens, labels, config)`` trains one (default:
+    :func:`~smsd.protocol.training.train_classifier`; FedAvg passes its federated loop).
+    """
+    if not candidates:
+        raise ValueError("candidates is empty: there is nothing to choose from")
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidate names must be distinct, got {names}")
+    train = train or train_classifier
+    fit, held = holdout_split(labels, fraction, config.seed)
+    if held.numel() == 0:
+        return candidates[0].apply(config), Selection(candidates[0].name, {}, 0)
+    scores: dict[str, dict[str, float]] = {}
+    for candidate in candidates:
+        model = new_model()
+        train(model, tokens[fit], labels[fit], candidate.apply(config))
+        pred = classify(model, tokens[held])
+        scores[candidate.name] = {
+            "accuracy": float((pred == labels[held]).float().mean()),
+            "balanced": balanced_accuracy(pred, labels[held])}
+    best = best_candidate(candidates, scores, recipe=config)
+    return best.apply(config), Selection(best.name, scores, int(held.numel()))
+
+
+def best_candidate(candidates: Sequence[Candidate], scores: dict[str, dict[str, float]],
+                   recipe: FinetuneConfig | None = None) -> Candidate:
+    """The candidate of highest held-out ``accuracy``; ties: higher ``balanced``, then a
+    candidate that leaves ``recipe`` unchanged (``c.apply(recipe) == recipe``), then the
+    earlier candidate."""
+    def key(i: int) -> tuple:
+        c = candidates[i]
+        keeps_recipe = recipe is not None and c.apply(recipe) == recipe
+        return scores[c.name]["accuracy"], scores[c.name]["balanced"], keeps_recipe, -i
+
+    return candidates[max(range(len(candidates)), key=key)]
