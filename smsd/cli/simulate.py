@@ -118,7 +118,7 @@ def _config(args: argparse.Namespace):
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from ..experiments import format_summary, format_table, simulate, simulate_seeds
-    from ..experiments.targets import check_targets, format_targets, has_target_rows
+    from ..experiments.targets import format_targets, targets_of_runs
 
     cfg = _config(args)
     _check_extras(args)
@@ -129,12 +129,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                               engine=args.engine)
         print()
         print(format_summary(runs))
-        rows = {seed: [r.row() for r in results] for seed, results in runs.items()}
-        if has_target_rows(rows):
+        targets = targets_of_runs(runs)
+        if targets is not None:
             print()
-            print(format_targets(check_targets(rows)))
+            print(format_targets(targets))
         print(f"\nsaved {out}/summary.json, summary.csv"
-              + (", targets.json" if has_target_rows(rows) else "") + " and seed-N/ per run")
+              + (", targets.json" if targets is not None else "") + " and seed-N/ per run")
         return 0
     results = simulate(cfg, out, progress=not args.no_progress, engine=args.engine)
     print()

@@ -29,6 +29,7 @@ from ..protocol.client import Client
 from ..protocol.probes import probe
 from ..protocol.recipe_selection import (
     CANDIDATES,
+    HOLDOUT_FRACTION,
     Candidate,
     Selection,
     best_candidate,
@@ -273,7 +274,7 @@ def _fedavg_select(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> list
     candidate is trained federated on the rest, the clients report their held-out
     accuracy and balanced accuracy, and the candidate with the best mean over clients
     (weighted by held-out images) wins. Every client records the one global pick."""
-    splits = [holdout_split(d.labeled_labels, 0.2, cfg.recipe.finetune.seed)
+    splits = [holdout_split(d.labeled_labels, HOLDOUT_FRACTION, cfg.recipe.finetune.seed)
               for d in clients.data]
     fit = [(t[a], d.labeled_labels[a])
            for (t, _), d, (a, _) in zip(clients.tokens, clients.data, splits, strict=True)]

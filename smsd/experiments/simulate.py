@@ -22,7 +22,7 @@ import torch
 from . import methods
 from .config import SimulateConfig
 from .results import MethodResult, format_row, write_results, write_summary
-from .targets import check_targets, has_target_rows, write_targets
+from .targets import targets_of_runs, write_targets
 
 __all__ = ["simulate", "simulate_seeds"]
 
@@ -99,7 +99,7 @@ def simulate_seeds(cfg: SimulateConfig, seeds: list[int], out_dir: str | os.Path
                               engine=engine)
     if out_dir is not None:
         write_summary(runs, Path(out_dir))
-        rows = {seed: [r.row() for r in results] for seed, results in runs.items()}
-        if has_target_rows(rows):
-            write_targets(check_targets(rows), Path(out_dir) / "targets.json")
+        targets = targets_of_runs(runs)
+        if targets is not None:
+            write_targets(targets, Path(out_dir) / "targets.json")
     return runs

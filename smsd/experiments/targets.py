@@ -21,7 +21,7 @@ from pathlib import Path
 from ..io import atomic_write_bytes
 
 __all__ = ["Target", "check_targets", "format_targets", "has_target_rows", "load_seed_rows",
-           "write_targets"]
+           "targets_of_runs", "write_targets"]
 
 SMSD, FINETUNE_ONLY, FEDAVG = "SMSD", "fine-tune only", "FedAvg"
 
@@ -124,6 +124,13 @@ def check_targets(runs: Mapping[int, Sequence[dict]]) -> list[Target]:
                           random_knn + 10.0, f"SMSD {_per_seed(runs, SMSD, 'knn_pooled')}; "
                           f"random {_per_seed(runs, FINETUNE_ONLY, 'knn_pooled')}"))
     return targets
+
+
+def targets_of_runs(runs: Mapping[int, Sequence]) -> list[Target] | None:
+    """The targets of ``simulate_seeds``' results (seed -> its ``MethodResult`` rows), or
+    ``None`` when a row they compare is missing (e.g. ``--methods smsd``, Flower)."""
+    rows = {seed: [r.row() for r in results] for seed, results in runs.items()}
+    return check_targets(rows) if has_target_rows(rows) else None
 
 
 def format_targets(targets: Sequence[Target]) -> str:

@@ -23,8 +23,11 @@ import torch
 
 from .training import FinetuneConfig, TokenClassifier, balanced_accuracy, classify, train_classifier
 
-__all__ = ["CANDIDATES", "Candidate", "Selection", "best_candidate", "holdout_split",
-           "select_finetune"]
+__all__ = ["CANDIDATES", "HOLDOUT_FRACTION", "Candidate", "Selection", "best_candidate",
+           "holdout_split", "select_finetune"]
+
+# The share of every class's labeled images a client holds out to pick its setting.
+HOLDOUT_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def holdout_split(labels: torch.Tensor, fraction: float, seed: int
 def select_finetune(new_model: Callable[[], TokenClassifier], tokens: torch.Tensor,
                     labels: torch.Tensor, config: FinetuneConfig, *,
                     candidates: Sequence[Candidate] = CANDIDATES,
-                    fraction: float = 0.2,
+                    fraction: float = HOLDOUT_FRACTION,
                     train: Callable[[TokenClassifier, torch.Tensor, torch.Tensor,
                                      FinetuneConfig], object] | None = None,
                     ) -> tuple[FinetuneConfig, Selection]:
