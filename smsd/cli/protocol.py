@@ -261,7 +261,8 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--select", action="store_true",
                    help="pick the setting on this client's labels: hold out a stratified "
                    "fifth, try each candidate (body LR ×1, ×0.3, ×0.3 with 30%% of the "
-                   "epochs, linear probe), train the best on all images "
+                   "epochs, linear probe, 50%% token subsets, and declining the body for a "
+                   "random one of its own), train the best on all images "
                    "(smsd.protocol.recipe_selection; not with --augment/--freeze-body)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the tail and shuffles")
     add_unseal_key_arg(p, "this client's")
@@ -274,7 +275,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..protocol.body_io import load_body
     from ..protocol.classifier_io import save_classifier
     from ..protocol.client import Client
-    from ..protocol.recipe_selection import CANDIDATES
+    from ..protocol.recipe_selection import RETURNED_BODY_CANDIDATES
     from ..recipe import Recipe
 
     check_output_file(args.out, "--out", force=args.force)
@@ -297,7 +298,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     loader = folder_loader(args, source, config, "eval")
     augment = folder_loader(args, source, config, "finetune") if args.augment else None
     metrics = client.finetune(body, loader, num_classes=len(classes), config=ft,
-                              augment=augment, select=CANDIDATES if args.select else None,
+                              augment=augment,
+                              select=RETURNED_BODY_CANDIDATES if args.select else None,
                               progress=not args.no_progress)
     save_classifier(args.out, client.model, classes=classes, head_fingerprint=client.fingerprint)
     if "selection" in metrics:
@@ -315,3 +317,6 @@ def _print_selection(selection: dict) -> None:
         mark = "  <- picked" if name == selection["picked"] else ""
         print(f"  {name}: accuracy {100 * scores['accuracy']:.2f}%, "
               f"balanced {100 * scores['balanced']:.2f}%{mark}")
+    if selection.get("own_body"):
+        print("the returned body was declined: the model trains a random body of its own "
+              "(it did better on the held-out labels)")

@@ -1,7 +1,8 @@
 """The four methods ``smsd simulate`` compares, on the same clients and the same start.
 
 * SMSD: every client encodes its images once; the server pre-trains the body on all
-  shards; each client fine-tunes the returned body on its labels (1 round).
+  shards; each client fine-tunes the returned body on its labels (1 round), or, where
+  its held-out labels show the body a handicap, declines it for the initial body.
 * fine-tune only: each client trains from the initial body on its labels (0 rounds).
 * FedAvg: supervised, ``rounds`` rounds, the full model goes down and up each round.
 * centralized: one model trained on every client's labels pooled (upper bound).
@@ -30,6 +31,7 @@ from ..protocol.probes import probe
 from ..protocol.recipe_selection import (
     CANDIDATES,
     HOLDOUT_FRACTION,
+    RETURNED_BODY_CANDIDATES,
     Candidate,
     Selection,
     best_candidate,
@@ -157,10 +159,13 @@ def smsd(cfg: SimulateConfig, clients: Clients, work: Path, progress: bool) -> M
     body = server.pretrain(shards, out=body_path, work_dir=work / "server", progress=progress,
                            epoch_metrics=lambda b: {"knn": clients.knn_pooled(b)})
     selection = []
+    # a client may decline the body for the one fine-tune only starts from
+    own = initial_body(cfg)
     for site, d in zip(sites, clients.data, strict=True):
         metrics = site.finetune(body, d.labeled_images, d.labeled_labels,
                                 num_classes=clients.num_classes, config=recipe.smsd_finetune,
-                                select=_candidates(cfg))
+                                select=RETURNED_BODY_CANDIDATES if cfg.select else None,
+                                own_body=own)
         selection.append(metrics.get("selection"))
     up = sum(os.path.getsize(s) for s in shards) // len(shards)
     privacy = server.privacy_record()
@@ -186,10 +191,6 @@ def _membership(cfg: SimulateConfig, clients: Clients, body: ViTBody) -> dict | 
     n = min(len(members), len(non_members))
     pick = torch.randperm(len(members), generator=torch.Generator().manual_seed(cfg.seed))[:n]
     return membership_inference(body, members[pick], non_members[:n], seed=cfg.seed).to_dict()
-
-
-def _candidates(cfg: SimulateConfig) -> tuple[Candidate, ...] | None:
-    return CANDIDATES if cfg.select else None
 
 
 def _train_selected(cfg: SimulateConfig, body: ViTBody, num_classes: int,

@@ -161,6 +161,7 @@ class Client:
                  test_labels: torch.Tensor | None = None,
                  augment: Iterable[Batch] | None = None,
                  select: Sequence[Candidate] | None = None,
+                 own_body: ViTBody | None = None,
                  progress: bool = False) -> dict:
         """Attach a linear classifier to a copy of ``body`` and train on labeled images
         (tokens in patch order; from one epoch of the loader when ``images`` is one,
@@ -171,9 +172,11 @@ class Client:
         embedded by the head. ``images`` still gives the train accuracy (unaugmented).
 
         ``select``: candidate settings (e.g.
-        :data:`~smsd.protocol.recipe_selection.CANDIDATES`) tried on a held-out fifth of
-        the labeled images; the best one then trains on all of them
-        (:mod:`smsd.protocol.recipe_selection`).
+        :data:`~smsd.protocol.recipe_selection.RETURNED_BODY_CANDIDATES`) tried on a
+        held-out fifth of the labeled images; the best one then trains on all of them
+        (:mod:`smsd.protocol.recipe_selection`). A candidate with ``own_body`` declines
+        ``body`` and starts from ``own_body`` (default: a random body of this model config
+        drawn from ``config.seed``).
 
         ``progress``: progress bars while reading images and over the epochs (on a
         terminal).
@@ -194,9 +197,15 @@ class Client:
                              f"got {int(labels.min())}..{int(labels.max())}")
         selection = None
         if select is not None:
+            if own_body is None and any(c.own_body for c in select):
+                own_body = self.random_body(config.seed)
             config, selection = select_finetune(
                 lambda: TokenClassifier.from_body(body, num_classes, seed=config.seed),
-                tokens, labels, config, candidates=select)
+                tokens, labels, config, candidates=select,
+                new_own_model=lambda: TokenClassifier.from_body(own_body, num_classes,
+                                                                seed=config.seed))
+            if selection.own_body:
+                body = own_body
         self.model = TokenClassifier.from_body(body, num_classes, seed=config.seed)
         epoch_data = None
         if augment is not None:
@@ -212,6 +221,13 @@ class Client:
                                         or not isinstance(test_images, torch.Tensor)):
             metrics["test_accuracy"] = self.evaluate(test_images, test_labels)
         return metrics
+
+    def random_body(self, seed: int) -> ViTBody:
+        """A randomly initialized body of this client's model config, drawn from ``seed``
+        (the global RNG untouched): what the client trains when it declines a body."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ViTBody(self.config)
 
     def evaluate(self, images: Images, labels: torch.Tensor | None = None) -> float:
         """Accuracy of the fine-tuned model on labeled images (or a loader)."""

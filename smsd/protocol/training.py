@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..checks import positive_ints
 from ..models import ClassifierTail
+from ..ops import masked_sample, sample_views
 from .schedules import cosine_schedule
 
 __all__ = ["PRETRAINED_BODY_LR_SCALE", "FinetuneConfig", "TokenClassifier", "accuracy",
@@ -34,7 +35,10 @@ class FinetuneConfig:
     """Local supervised training: AdamW, linear warm-up then cosine LR.
 
     ``body_lr_scale`` multiplies the body's LR (the new linear tail keeps ``lr``), so a
-    pre-trained body is adapted rather than overwritten.
+    pre-trained body is adapted rather than overwritten. ``token_keep`` below 1 trains on
+    token subsets: every step shows each image as a fresh random subset of that share of
+    its tokens (the views MS-DINO pre-trains on; a position-free body accepts any count);
+    evaluation always sees every token.
     """
 
     epochs: int = 30
@@ -45,10 +49,13 @@ class FinetuneConfig:
     warmup_epochs: int = 2
     freeze_body: bool = False
     body_lr_scale: float = 1.0
+    token_keep: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         positive_ints(self, "epochs", "batch_size")
+        if not 0 < self.token_keep <= 1:
+            raise ValueError(f"token_keep must be in (0, 1], got {self.token_keep!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not self.body_lr_scale > 0:
@@ -126,7 +133,8 @@ def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch
             batch = order[start:start + config.batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = float(lrs[it]) * group["lr_scale"]
-            loss = F.cross_entropy(model(tokens[batch].float()), labels[batch])
+            loss = F.cross_entropy(model(_subset(tokens[batch].float(), config.token_keep,
+                                                 gen)), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -138,6 +146,14 @@ def train_classifier(model: TokenClassifier, tokens: torch.Tensor, labels: torch
     model.body.requires_grad_(True)
     model.eval()
     return history
+
+
+def _subset(tokens: torch.Tensor, keep: float, gen: torch.Generator) -> torch.Tensor:
+    """``tokens`` ``[B, N, D]`` as one random subset of ``keep`` of each image's tokens."""
+    if keep >= 1:
+        return tokens
+    index = sample_views(tokens.shape[0], tokens.shape[1], [keep], generator=gen)[0]
+    return masked_sample(tokens, index, unique=True)
 
 
 @torch.no_grad()
