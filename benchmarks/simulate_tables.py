@@ -1,6 +1,7 @@
 """The Markdown tables of an ``smsd simulate --seeds`` run, for the docs: mean ± std per
-method, the per-seed raw rows, each client's fine-tuning pick and the method's targets
-(:mod:`smsd.experiments.targets`).
+method, the per-seed raw rows, each client's fine-tuning pick, each client's label
+coverage (:func:`smsd.experiments.scores.label_coverage`, from the run's split) and the
+method's targets (:mod:`smsd.experiments.targets`).
 
     python benchmarks/simulate_tables.py RUN_DIR [RUN_DIR ...]
 """
@@ -11,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from smsd.data import DataSplit
+from smsd.experiments.scores import label_coverage
 from smsd.experiments.targets import check_targets, load_seed_rows
 
 # (column, key in summary.json)
@@ -42,11 +45,28 @@ def tables(folder: Path) -> str:
             lines.append(f"| {s} | {m} | {r['mean_acc']:.2f} | {r.get('mean_bal_acc', '-')} | "
                          f"{r.get('shared_acc', '-')} | {r.get('knn_pooled', '-')} | "
                          f"{' / '.join(f'{a:.1f}' for a in r['client_acc'])} | {picks} |")
+    lines += ["", "Label coverage (the share of a client's test classes it has a labeled image of: "
+              "the balanced-accuracy ceiling of learning from its own labels alone):", "",
+              "| seed | clients' label coverage | mean |", "|---|---|---:|"]
+    for s in runs:
+        cover = coverage(folder / f"seed-{s}" / "results.json")
+        lines.append(f"| {s} | {' / '.join(f'{100 * c:.1f}' for c in cover)} | "
+                     f"{100 * sum(cover) / len(cover):.2f} |")
     lines += ["", "| target | SMSD | threshold | met | per seed |", "|---|---:|---:|---|---|"]
     for t in check_targets(runs):
         lines.append(f"| {t.name} | {t.value:.2f} | {t.threshold:.2f} | "
                      f"{'yes' if t.met else '**no**'} | {t.detail} |")
     return "\n".join(lines)
+
+
+def coverage(results_json: Path) -> list[float]:
+    """Each client's label coverage in the split a run's ``results.json`` records."""
+    config = json.loads(results_json.read_text())["config"]
+    model = config["recipe"]["model"]
+    data, _, _ = DataSplit(**config["split"]).load(img_size=model["img_size"],
+                                                   in_chans=model["in_chans"],
+                                                   loader=config["loader"])
+    return [label_coverage(d.labeled_labels, d.test_labels) for d in data]
 
 
 def main() -> None:

@@ -259,6 +259,39 @@ def test_body_lr_scale():
         FinetuneConfig(body_lr_scale=0.0)
 
 
+def test_token_keep_trains_on_random_token_subsets_and_evaluates_on_all():
+    """Every training step shows each image as a fresh subset of round(keep * N) distinct
+    tokens of its own; classify sees every token."""
+    from smsd.protocol.training import TokenClassifier, classify, train_classifier
+
+    n, n_tokens, dim = 12, 10, MODEL.embed_dim
+    # token j of image i holds the value 100 * i + j in every channel
+    tokens = (100 * torch.arange(n).view(n, 1, 1) + torch.arange(n_tokens).view(1, -1, 1)
+              ).float().expand(n, n_tokens, dim).contiguous()
+    labels = torch.arange(n) % 2
+    model = TokenClassifier.from_body(ViTBody(MODEL), 2, seed=0)
+    seen = []
+    model.body.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    train_classifier(model, tokens, labels,
+                     FinetuneConfig(epochs=2, batch_size=5, token_keep=0.35, seed=1))
+    assert len(seen) == 2 * 3  # 3 batches (5, 5, 2) per epoch
+    draws = []
+    for batch in seen:
+        assert batch.shape[1:] == (4, dim)  # round(0.35 * 10) tokens
+        values = batch[:, :, 0].long()
+        image = values // 100
+        assert (image == image[:, :1]).all()  # every token from the image it belongs to
+        assert all(len(set(row.tolist())) == 4 for row in values)  # distinct tokens
+        draws.extend(sorted((v % 100).tolist()) for v in values)
+    assert len({tuple(d) for d in draws}) > 1  # random subsets, not a fixed one
+    seen.clear()
+    classify(model, tokens)
+    assert seen[0].shape[1] == n_tokens
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="token_keep"):
+            FinetuneConfig(token_keep=bad)
+
+
 def test_simulate_fine_tunes_the_pretrained_body_at_its_own_body_lr(monkeypatch, tmp_path):
     """Without the selection (tests/test_recipe_selection.py) SMSD's clients use
     ``smsd_body_lr_scale`` and the baselines train at the full LR."""

@@ -129,8 +129,10 @@ def test_simulate_seeds_reports_mean_and_std_over_runs(tmp_path, capsys):
     text = subprocess.run([sys.executable, str(script), str(out)], check=True,
                           capture_output=True, text=True).stdout
     assert f"| SMSD | {summary['SMSD']['mean_acc']:.2f} ± " in text
-    assert text.count("| 3 | ") == len(summary) and text.count("| 4 | ") == len(summary)
-    assert "| every seed and client:" in text
+    # a row per method and seed, and each seed's label coverage
+    assert text.count("| 3 | ") == len(summary) + 1
+    assert text.count("| 4 | ") == len(summary) + 1
+    assert "Label coverage" in text and "| every seed and client:" in text
 
 
 def test_simulate_seeds_must_be_distinct(tmp_path, capsys):
@@ -209,7 +211,7 @@ def test_cli_finetune_augment(tmp_path, folder, capsys):
 
 
 def test_cli_finetune_select_reports_each_candidate_and_the_pick(tmp_path, folder, capsys):
-    from smsd.protocol.recipe_selection import CANDIDATES
+    from smsd.protocol.recipe_selection import RETURNED_BODY_CANDIDATES
 
     body, model = _random_body_file(tmp_path), tmp_path / "m.safetensors"
     assert main(["finetune", "--body", str(body), "--data", str(folder), "--out", str(model),
@@ -218,8 +220,11 @@ def test_cli_finetune_select_reports_each_candidate_and_the_pick(tmp_path, folde
     assert model.is_file()
     # 6 images per class, a fifth of each class held out: 1 + 1
     assert "held out 2 labeled images" in out
-    assert all(c.name + ":" in out for c in CANDIDATES)
+    # every candidate, declining the body for the client's own random one included
+    assert all(c.name + ":" in out for c in RETURNED_BODY_CANDIDATES)
     assert out.count("<- picked") == 1
+    declined = "own random body: accuracy" in out.split("<- picked")[0].splitlines()[-1]
+    assert ("the returned body was declined" in out) is declined
 
 
 @pytest.mark.parametrize("flag", ("--augment", "--freeze-body"))

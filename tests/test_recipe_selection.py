@@ -4,6 +4,7 @@ and ``smsd simulate`` offers the same choice to every method."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from torch import nn
 
 from smsd.protocol.recipe_selection import (
     CANDIDATES,
+    OWN_BODY,
+    RETURNED_BODY_CANDIDATES,
     Candidate,
     best_candidate,
     holdout_split,
@@ -41,6 +44,12 @@ def test_candidate_changes_only_its_fields():
     probe = Candidate("probe", freeze_body=True).apply(base)
     assert probe.freeze_body and probe.epochs == 100 and probe.lr == 2e-3
     assert Candidate("x1", body_lr_scale=1.0).apply(base).body_lr_scale == 1.0
+    subsets = Candidate("subsets", token_keep=0.5).apply(base)
+    assert subsets == FinetuneConfig(epochs=100, warmup_epochs=2, body_lr_scale=0.3, lr=2e-3,
+                                     token_keep=0.5)
+    assert Candidate("same").apply(replace(base, token_keep=0.7)).token_keep == 0.7
+    with pytest.raises(ValueError, match="token_keep"):
+        Candidate("none", token_keep=0.0)
     with pytest.raises(ValueError, match="epochs_share"):
         Candidate("none", epochs_share=0)
     with pytest.raises(ValueError, match="body_lr_scale"):
@@ -153,8 +162,10 @@ def test_simulate_reports_each_clients_pick_for_every_method(tmp_path, dataset):
     simulate(cfg, tmp_path, progress=False, log=lambda _: None)
     rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())[
         "results"]}
-    names = {c.name for c in CANDIDATES}
     for method in ("SMSD", "fine-tune only", "FedAvg", "centralized"):
+        # only a client given a pre-trained body may decline it
+        names = {c.name for c in (RETURNED_BODY_CANDIDATES if method == "SMSD"
+                                  else CANDIDATES)}
         assert len(rows[method]["client_picked"]) == 2
         assert set(rows[method]["client_picked"]) <= names
         assert set(rows[method]["selection"][0]["validation"]) == names
@@ -190,3 +201,87 @@ def test_a_full_tie_keeps_the_recipes_own_setting():
     scores["body lr x1"]["accuracy"] = 0.9
     scores["linear probe"]["balanced"] = 0.85
     assert best_candidate(CANDIDATES, scores, recipe=recipe).name == "linear probe"
+
+
+class _Start(nn.Module):
+    """A stand-in body whose ``marker`` tells which start a trial was built from."""
+
+    def __init__(self, marker: float) -> None:
+        super().__init__()
+        self.marker = marker
+
+
+def _marked_training(labels: torch.Tensor, held: torch.Tensor, right: dict[float, float]):
+    """A ``train`` for select_finetune: the model built from the start marked ``m`` gets
+    ``right[m]`` of the held-out images right."""
+    def train(model, x, y, config):
+        held_ids = held.tolist()
+        n_right = round(right[model.marker] * len(held_ids))
+        table = {i: int(labels[i]) if k < n_right else 1 - int(labels[i])
+                 for k, i in enumerate(held_ids)}
+        model.forward = lambda tokens: nn.functional.one_hot(torch.tensor(
+            [table.get(i, 0) for i in tokens[:, 0, 0].long().tolist()]), 2).float()
+    return train
+
+
+def test_a_client_declines_the_body_only_when_its_own_does_strictly_better():
+    tokens, labels = _lookup_data()
+    _, held = holdout_split(labels, 0.2, seed=0)
+    given, own = 1.0, 2.0
+    candidates = (Candidate("given"), OWN_BODY)
+    for right, declined in (({given: 0.5, own: 0.75}, True), ({given: 0.75, own: 0.75}, False),
+                            ({given: 0.75, own: 0.5}, False)):
+        config, picked = select_finetune(
+            lambda: _Start(given), tokens, labels, FinetuneConfig(body_lr_scale=0.3),
+            candidates=candidates, train=_marked_training(labels, held, right),
+            new_own_model=lambda: _Start(own))
+        assert picked.own_body is declined
+        assert picked.picked == ("own random body" if declined else "given")
+        assert config.body_lr_scale == (1.0 if declined else 0.3)
+    with pytest.raises(ValueError, match="new_own_model"):
+        select_finetune(lambda: _Start(given), tokens, labels, FinetuneConfig(),
+                        candidates=candidates)
+
+
+def test_declining_the_body_never_counts_as_keeping_the_recipe():
+    recipe = FinetuneConfig(body_lr_scale=1.0)  # OWN_BODY's setting on another body
+    scores = {c.name: {"accuracy": 0.9, "balanced": 0.8} for c in RETURNED_BODY_CANDIDATES}
+    assert best_candidate(RETURNED_BODY_CANDIDATES, scores, recipe=recipe).name == "body lr x1"
+    assert RETURNED_BODY_CANDIDATES[-1] is OWN_BODY
+    assert not any(c.own_body for c in CANDIDATES)
+
+
+def test_client_that_declines_trains_its_own_body_on_all_labels():
+    from smsd.models import ViTBody, model_config
+    from smsd.protocol.client import Client
+
+    config = model_config("demo").replace(embed_dim=16, depth=1, num_heads=2)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(30) % 3
+    # the class is the image's brightness: any random body tells the classes apart
+    images = (labels.view(-1, 1, 1, 1).float() / 3
+              + 0.01 * torch.rand(30, config.in_chans, config.img_size, config.img_size,
+                                  generator=gen))
+    returned, own = ViTBody(config), ViTBody(config)
+    with torch.no_grad():  # a returned body whose output is constant: a handicap
+        for p in returned.parameters():
+            p.zero_()
+    client = Client(config, None)
+    ft = FinetuneConfig(epochs=30, batch_size=8, lr=3e-2, warmup_epochs=0)
+    probe = Candidate("linear probe", freeze_body=True)
+    own_probe = replace(OWN_BODY, freeze_body=True)
+    metrics = client.finetune(returned, images, labels, num_classes=3, config=ft,
+                              select=(probe, own_probe), own_body=own)
+    selection = metrics["selection"]
+    assert selection["validation"][probe.name]["accuracy"] == pytest.approx(1 / 3)
+    assert selection["picked"] == own_probe.name and selection["own_body"] is True
+    # the final model is the client's own body (frozen: unchanged), trained on all labels
+    assert all(torch.equal(v, own.state_dict()[k])
+               for k, v in client.model.body.state_dict().items())
+    assert metrics["train_accuracy"] == 1.0
+    # without own_body, the client draws one of its own, seeded by the fine-tuning config
+    again = Client(config, None)
+    again.finetune(returned, images, labels, num_classes=3, config=ft, select=(own_probe,))
+    drawn = again.random_body(ft.seed)
+    assert all(torch.equal(v, drawn.state_dict()[k])
+               for k, v in again.model.body.state_dict().items())

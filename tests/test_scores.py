@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from smsd.experiments.scores import SharedTestSet, balanced_accuracy, score
+from smsd.experiments.scores import SharedTestSet, balanced_accuracy, label_coverage, score
 
 
 def test_balanced_accuracy_matches_scikit_learn():
@@ -34,6 +34,18 @@ def test_a_majority_guess_scores_high_locally_but_not_balanced():
     assert (s.local, s.balanced, s.shared) == pytest.approx((0.9, 0.5, 0.5))
 
 
+def test_label_coverage_bounds_what_local_labels_can_score():
+    labeled = torch.tensor([0, 0, 2, 5])
+    test = torch.tensor([0, 1, 1, 1, 2, 3])  # classes 0 1 2 3; 0 and 2 labeled
+    assert label_coverage(labeled, test) == 0.5
+    # the best a model of the labeled classes can do: every labeled class right
+    pred = torch.tensor([0, 0, 0, 0, 2, 0])
+    assert balanced_accuracy(pred, test) == label_coverage(labeled, test)
+    assert label_coverage(torch.tensor([1]), torch.tensor([1, 1])) == 1.0
+    with pytest.raises(ValueError, match="zero test images"):
+        label_coverage(labeled, torch.tensor([], dtype=torch.long))
+
+
 def test_shared_set_is_balanced_and_seeded():
     labels = torch.tensor([0] * 30 + [1] * 7 + [2] * 12)
     tokens = torch.arange(labels.numel()).float()[:, None, None].expand(-1, 2, 3)
@@ -51,10 +63,13 @@ def test_simulate_reports_balanced_shared_and_majority(tmp_path):
 
     cfg = SimulateConfig(split=DataSplit(clients=3),
                          methods=("finetune-only", "majority")).quick()
-    results = simulate(cfg, tmp_path, progress=False, log=lambda _: None)
+    lines = []
+    results = simulate(cfg, tmp_path, progress=False, log=lines.append)
     rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())[
         "results"]}
     assert set(rows) == {"fine-tune only", "majority class"}
+    coverage = next(line for line in lines if line.startswith("label coverage"))
+    assert coverage.count("%") == 3
     for row in rows.values():
         assert len(row["client_bal_acc"]) == len(row["client_shared_acc"]) == 3
         assert 0 <= row["min_bal_acc"] <= row["mean_bal_acc"] <= 100

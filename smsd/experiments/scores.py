@@ -16,7 +16,7 @@ import torch
 
 from ..protocol.training import balanced_accuracy
 
-__all__ = ["ClientScore", "SharedTestSet", "balanced_accuracy", "score"]
+__all__ = ["ClientScore", "SharedTestSet", "balanced_accuracy", "label_coverage", "score"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,13 @@ def score(predict, local_tokens: torch.Tensor, local_labels: torch.Tensor,
     return ClientScore(local=float((local_pred == local_labels).float().mean()),
                        balanced=balanced_accuracy(local_pred, local_labels),
                        shared=float((predict(shared.tokens) == shared.labels).float().mean()))
+
+
+def label_coverage(labeled: torch.Tensor, test: torch.Tensor) -> float:
+    """The share of the classes in ``test`` that have at least one image in ``labeled``:
+    the most balanced accuracy a classifier that learned from ``labeled`` alone can be
+    expected to reach (it has no reason to predict a class it never saw)."""
+    if test.numel() == 0:
+        raise ValueError("cannot score zero test images")
+    classes = test.unique()
+    return float(torch.isin(classes, labeled.unique()).float().mean())

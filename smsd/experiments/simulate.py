@@ -22,6 +22,7 @@ import torch
 from . import methods
 from .config import SimulateConfig
 from .results import MethodResult, format_row, write_results, write_summary
+from .scores import label_coverage
 from .targets import targets_of_runs, write_targets
 
 __all__ = ["simulate", "simulate_seeds"]
@@ -59,6 +60,10 @@ def simulate(cfg: SimulateConfig, out_dir: str | os.PathLike | None = None, *,
         f"(alpha={split.alpha}); train/labeled/test per client: "
         + ", ".join(f"{d.train_images.shape[0]}/{d.labeled_labels.numel()}/"
                     f"{d.test_labels.numel()}" for d in data))
+    log("label coverage (share of a client's test classes it has a labeled image of: the "
+        "balanced-accuracy ceiling of learning from its own labels alone): "
+        + " / ".join(f"{100 * label_coverage(d.labeled_labels, d.test_labels):.1f}%"
+                     for d in data))
     clients = methods.Clients.embed(cfg, data, num_classes)
     log(f"shared class-balanced test set: {clients.shared.labels.numel()} images "
         f"({clients.shared.per_class} per class, from the clients' pooled test splits)")
