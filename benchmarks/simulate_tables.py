@@ -1,7 +1,8 @@
 """The Markdown tables of an ``smsd simulate --seeds`` run, for the docs: mean ± std per
 method, the per-seed raw rows, each client's fine-tuning pick, each client's label
-coverage (:func:`smsd.experiments.scores.label_coverage`, from the run's split) and the
-method's targets (:mod:`smsd.experiments.targets`).
+coverage (:func:`smsd.experiments.scores.label_coverage`, from the run's split), each
+client's SMSD − fine-tune only difference with the standard error its test split allows,
+and the method's targets (:mod:`smsd.experiments.targets`).
 
     python benchmarks/simulate_tables.py RUN_DIR [RUN_DIR ...]
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from smsd.data import DataSplit
@@ -48,10 +50,23 @@ def tables(folder: Path) -> str:
     lines += ["", "Label coverage (the share of a client's test classes it has a labeled image of: "
               "the balanced-accuracy ceiling of learning from its own labels alone):", "",
               "| seed | clients' label coverage | mean |", "|---|---|---:|"]
-    for s in runs:
-        cover = coverage(folder / f"seed-{s}" / "results.json")
+    splits = {s: split_facts(folder / f"seed-{s}" / "results.json") for s in runs}
+    for s, (cover, _) in splits.items():
         lines.append(f"| {s} | {' / '.join(f'{100 * c:.1f}' for c in cover)} | "
                      f"{100 * sum(cover) / len(cover):.2f} |")
+    clients = len(next(iter(splits.values()))[1])
+    if all("SMSD" in by[s] and "fine-tune only" in by[s] for s in runs):
+        lines += ["", "SMSD − fine-tune only in each client's local accuracy, points, ± one "
+                  "standard error of that difference on the client's n test images "
+                  "(unpaired, sqrt(p1(1-p1)/n + p2(1-p2)/n); two models scored on the same "
+                  "images usually differ by less):", "",
+                  "| seed | " + " | ".join(f"client {i}" for i in range(clients)) + " |",
+                  "|---" * (clients + 1) + "|"]
+        for s, (_, n_test) in splits.items():
+            a, b = by[s]["SMSD"]["client_acc"], by[s]["fine-tune only"]["client_acc"]
+            cells = [f"{x - y:+.1f} ± {100 * difference_se(x / 100, y / 100, n):.1f} (n={n})"
+                     for x, y, n in zip(a, b, n_test, strict=True)]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines += ["", "| target | SMSD | threshold | met | per seed |", "|---|---:|---:|---|---|"]
     for t in check_targets(runs):
         lines.append(f"| {t.name} | {t.value:.2f} | {t.threshold:.2f} | "
@@ -59,14 +74,23 @@ def tables(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def coverage(results_json: Path) -> list[float]:
-    """Each client's label coverage in the split a run's ``results.json`` records."""
+def split_facts(results_json: Path) -> tuple[list[float], list[int]]:
+    """Each client's label coverage and number of test images, in the split a run's
+    ``results.json`` records (rebuilt from its seeded config)."""
     config = json.loads(results_json.read_text())["config"]
     model = config["recipe"]["model"]
     data, _, _ = DataSplit(**config["split"]).load(img_size=model["img_size"],
                                                    in_chans=model["in_chans"],
                                                    loader=config["loader"])
-    return [label_coverage(d.labeled_labels, d.test_labels) for d in data]
+    return ([label_coverage(d.labeled_labels, d.test_labels) for d in data],
+            [d.test_labels.numel() for d in data])
+
+
+def difference_se(p1: float, p2: float, n: int) -> float:
+    """Standard error of the difference of two accuracies measured on ``n`` images each,
+    as if independent (two models scored on the same images usually err together, so
+    their paired difference varies less)."""
+    return math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
 
 
 def main() -> None:

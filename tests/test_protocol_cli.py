@@ -129,10 +129,12 @@ def test_simulate_seeds_reports_mean_and_std_over_runs(tmp_path, capsys):
     text = subprocess.run([sys.executable, str(script), str(out)], check=True,
                           capture_output=True, text=True).stdout
     assert f"| SMSD | {summary['SMSD']['mean_acc']:.2f} ± " in text
-    # a row per method and seed, and each seed's label coverage
-    assert text.count("| 3 | ") == len(summary) + 1
-    assert text.count("| 4 | ") == len(summary) + 1
+    # a row per method and seed, each seed's label coverage and SMSD - fine-tune only
+    assert text.count("| 3 | ") == len(summary) + 2
+    assert text.count("| 4 | ") == len(summary) + 2
     assert "Label coverage" in text and "| every seed and client:" in text
+    smsd, ft = per_seed[3]["SMSD"]["client_acc"][0], per_seed[3]["fine-tune only"]["client_acc"][0]
+    assert f"| 3 | {smsd - ft:+.1f} ± " in text
 
 
 def test_simulate_seeds_must_be_distinct(tmp_path, capsys):
