@@ -282,6 +282,6 @@ def test_client_that_declines_trains_its_own_body_on_all_labels():
     # without own_body, the client draws one of its own, seeded by the fine-tuning config
     again = Client(config, None)
     again.finetune(returned, images, labels, num_classes=3, config=ft, select=(own_probe,))
-    drawn = again.random_body(ft.seed)
+    drawn = ViTBody.seeded(config, ft.seed)
     assert all(torch.equal(v, drawn.state_dict()[k])
                for k, v in again.model.body.state_dict().items())

@@ -63,9 +63,7 @@ __all__ = [
 
 def initial_body(cfg: SimulateConfig) -> ViTBody:
     """The body every method starts from (the server's student init)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.recipe.pretrain.seed)
-        return ViTBody(cfg.recipe.model)
+    return ViTBody.seeded(cfg.recipe.model, cfg.recipe.pretrain.seed)
 
 
 @dataclass

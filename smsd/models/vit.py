@@ -157,6 +157,13 @@ class ViTBody(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(lambda module: _init_weights(module, config.init_std))
 
+    @classmethod
+    def seeded(cls, config: ViTConfig, seed: int) -> ViTBody:
+        """A randomly initialized body drawn from ``seed`` (the global RNG untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config)
+
     def _check(self, name: str, tokens: torch.Tensor, dims: int) -> None:
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")

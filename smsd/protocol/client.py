@@ -198,7 +198,7 @@ class Client:
         selection = None
         if select is not None:
             if own_body is None and any(c.own_body for c in select):
-                own_body = self.random_body(config.seed)
+                own_body = ViTBody.seeded(self.config, config.seed)
             config, selection = select_finetune(
                 lambda: TokenClassifier.from_body(body, num_classes, seed=config.seed),
                 tokens, labels, config, candidates=select,
@@ -221,13 +221,6 @@ class Client:
                                         or not isinstance(test_images, torch.Tensor)):
             metrics["test_accuracy"] = self.evaluate(test_images, test_labels)
         return metrics
-
-    def random_body(self, seed: int) -> ViTBody:
-        """A randomly initialized body of this client's model config, drawn from ``seed``
-        (the global RNG untouched): what the client trains when it declines a body."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return ViTBody(self.config)
 
     def evaluate(self, images: Images, labels: torch.Tensor | None = None) -> float:
         """Accuracy of the fine-tuned model on labeled images (or a loader)."""
