@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import exit_passed_rank
 
 WORLD = 2
 
@@ -63,6 +64,7 @@ def worker(rank: int, store: str) -> None:
         dist.barrier()  # no rank leaves while its peer is in the last collective
     finally:
         dist.destroy_process_group()
+    exit_passed_rank()  # see tests/ranks.py
 
 
 def test_fast_step_under_ddp(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import exit_passed_rank
 
 from smsd.crypto import PermutationKey
 from smsd.models import model_config
@@ -83,6 +84,7 @@ def worker(rank: int, world: int, store: str, shard: str, work: str) -> None:
         dist.barrier()  # no rank leaves while its peer is in the last collective
     finally:
         dist.destroy_process_group()
+    exit_passed_rank()  # see tests/ranks.py
 
 
 def test_two_ranks_match_single_process(shard, single, tmp_path):
