@@ -99,8 +99,8 @@ def process_group_from_env(device: str) -> Iterator[Ranks]:
     dist.init_process_group(backend, init_method="env://")
     try:
         yield current_ranks()
-        # On a normal exit no rank tears its connections down while a peer is still in
-        # its last collective (gloo aborts the process then: "terminate called...").
+        # On a normal exit every rank waits for the others before tearing its
+        # connections down, so none closes them while a peer is in its last collective.
         dist.barrier()
     finally:
         dist.destroy_process_group()
