@@ -1,7 +1,7 @@
 """Ending a rank spawned by ``torch.multiprocessing.spawn`` in the gloo tests that use DDP.
 
 ``DistributedDataParallel`` keeps its process group alive after ``destroy_process_group``
-(torch 2.13 never frees it), so gloo's worker threads outlive the test. One of them may
+(in torch 2.13 it is not freed), so gloo's worker threads outlive the test. One of them may
 still be releasing the last collective's tensors when the interpreter finalizes; releasing
 a tensor that Python owns takes the GIL, and a thread taking the GIL during finalization is
 unwound through a ``noexcept`` destructor: ``terminate called without an active
